@@ -1,0 +1,172 @@
+"""`cape-ray train | inspect | make-data` (also `python -m cape_ray`).
+
+Every TrainConfig field is a flag, in both spellings (`--batch_size` and `--batch-size`). Invalid
+values are reported in one line before Ray starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import typing
+from typing import Any, Optional, Sequence
+
+from cape_ray.config import ConfigError, TrainConfig
+
+HELP = {
+    "name": "run name; rerunning with the same name and storage path resumes the run",
+    "storage_path": "where runs are kept: a local/NFS directory or s3://bucket/prefix",
+    "resume": "start from this checkpoint directory (used when the run has no checkpoint of its own yet)",
+    "epochs": "number of epochs",
+    "episodes_per_epoch": "training episodes per epoch, over all workers",
+    "batch_size": "episodes per worker per micro-batch",
+    "accumulation_steps": "micro-batches per optimizer step",
+    "num_queries_per_episode": "query images per training episode",
+    "num_shots": "support images per episode (1 or 5)",
+    "val_episodes": "validation episodes per validation category",
+    "early_stopping_patience": "stop after this many epochs without val_pck improvement (0 = never)",
+    "checkpoint_every_steps": "also checkpoint every N optimizer steps inside an epoch (0 = off)",
+    "data_root": "train on MP-100-format files in this directory instead of the built-in data",
+    "mp100_split": "MP-100 split 1..5 (annotations/mp100_split{N}_{train,val,test}.json)",
+    "num_workers": "Ray Train workers: N, or MIN:MAX for an elastic run",
+    "max_failures": "worker-group restarts allowed after failures (preemptions not counted)",
+    "keep": "checkpoints kept by val_pck (plus the latest and the two best exports)",
+    "num_threads": "torch CPU threads per worker (fixed: it changes float rounding)",
+}
+
+
+def _field_type(f: dataclasses.Field) -> type:
+    hints = typing.get_type_hints(TrainConfig)
+    hint = hints[f.name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    for f in dataclasses.fields(TrainConfig):
+        kind = _field_type(f)
+        names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
+        help_text = HELP.get(f.name, "") + f" (default: {f.default})"
+        if kind is bool:
+            parser.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction,
+                                default=None, help=help_text)
+        else:
+            parser.add_argument(*names, dest=f.name, type=kind, default=None, metavar=f.name.upper(),
+                                help=help_text)
+    parser.add_argument("--output_dir", "--output-dir", dest="output_dir", default=None,
+                        help="same as --storage_path (the original pipeline's name for it)")
+
+
+def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> TrainConfig:
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+              if getattr(args, f.name) is not None}
+    if args.output_dir is not None:
+        if "storage_path" in values and values["storage_path"] != args.output_dir:
+            parser.error("--output_dir and --storage_path name the same thing; give one of them")
+        values["storage_path"] = args.output_dir
+    try:
+        return TrainConfig(**values)
+    except ConfigError as exc:
+        parser.error(str(exc))
+        raise  # unreachable: parser.error exits
+
+
+# ----------------------------------------------------------------------------- commands
+def cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    config = config_from_args(args, parser)
+    from cape_ray import job  # Ray is imported only once the flags are known to be valid
+
+    job.run(config)
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import tempfile
+
+    from cape_ray import checkpoint as ckpt, storage
+
+    fs, path = storage.resolve(args.checkpoint)
+    if not storage.exists(fs, path):
+        parser.error(f"no checkpoint at {args.checkpoint}")
+    with tempfile.TemporaryDirectory(prefix="cape_ray_inspect_") as tmp:
+        local = storage.download(fs, path, tmp)
+        problems = ckpt.verify_checkpoint(local)
+        try:
+            state = ckpt.read_state(local)
+        except (OSError, ValueError) as exc:
+            state, problems = {}, problems + [f"state.json unreadable: {exc}"]
+        from pathlib import Path
+
+        rng_ranks = sorted(int(p.stem.split("_")[1]) for p in Path(local, "rng").glob("rank_*.pt"))
+    position = state.get("position", {})
+    tracking = state.get("tracking", {})
+    report = {
+        "checkpoint": args.checkpoint,
+        "manifest": "verifies" if not problems else "DOES NOT VERIFY",
+        "problems": problems,
+        "schema_version": state.get("schema_version"),
+        "position": {k: position.get(k) for k in ("epoch", "step", "global_step")},
+        "epochs_in_history": len(position.get("history", [])),
+        "world_size": state.get("world_size"),
+        "rng_ranks": rng_ranks,
+        "metrics": state.get("metrics"),
+        "tracking": tracking,
+        "versions": state.get("versions"),
+        "config": state.get("config"),
+    }
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        for key, value in report.items():
+            if isinstance(value, dict):
+                print(f"{key}:")
+                for k, v in value.items():
+                    print(f"  {k}: {v}")
+            else:
+                print(f"{key}: {value}")
+    return 0 if not problems else 1
+
+
+def cmd_make_data(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from cape_ray.data.mp100 import export_synthetic
+
+    export_synthetic(args.out, seed=args.seed, instances_per_category=args.instances_per_category,
+                     canvas=args.canvas, split=args.split)
+    print(f"wrote MP-100-format data to {args.out} (annotations/mp100_split{args.split}_*.json, images/)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cape-ray", description="Category-agnostic pose estimation on Ray Train")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train (a Ray Train job; local Ray unless RAY_ADDRESS is set)")
+    add_config_flags(train)
+    train.set_defaults(handler=cmd_train)
+
+    inspect = commands.add_parser("inspect", help="print a checkpoint's fields and verify its manifest")
+    inspect.add_argument("checkpoint", help="checkpoint directory (local path or URI)")
+    inspect.add_argument("--json", action="store_true", help="print JSON")
+    inspect.set_defaults(handler=cmd_inspect)
+
+    make_data = commands.add_parser("make-data", help="export the built-in categories as MP-100-format files")
+    make_data.add_argument("--out", required=True, help="output directory")
+    make_data.add_argument("--seed", type=int, default=0)
+    make_data.add_argument("--instances_per_category", "--instances-per-category", type=int, default=60)
+    make_data.add_argument("--canvas", type=int, default=96)
+    make_data.add_argument("--split", type=int, default=1, choices=[1, 2, 3, 4, 5])
+    make_data.set_defaults(handler=cmd_make_data)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    sub = parser._subparsers._group_actions[0].choices[args.command]  # the subcommand's parser
+    return args.handler(args, sub)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""Build the Ray Train job from a TrainConfig and run it.
+
+Local runs start Ray themselves; with RAY_ADDRESS set (or inside `ray job submit`) they attach to
+that cluster. The run name is always set: rerunning the same command with the same --name and
+--storage_path resumes from Ray's snapshot in storage after a driver crash.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Optional
+
+import ray
+from ray.train import CheckpointConfig, FailureConfig, Result, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from cape_ray.callbacks import BestCheckpointExporter
+from cape_ray.config import TrainConfig
+from cape_ray.worker import train_loop_per_worker
+
+
+def storage_uri(config: TrainConfig) -> str:
+    path = config.storage_path
+    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
+
+
+def build_trainer(config: TrainConfig, train_fn: Callable[[dict], None] = train_loop_per_worker,
+                  train_loop_config: Optional[dict] = None) -> TorchTrainer:
+    """The Ray Train job for `config`; `train_fn` / `train_loop_config` let a caller wrap the loop."""
+    low, high = config.worker_range()
+    resources = {"CPU": config.cpus_per_worker}
+    if config.use_gpu:
+        resources["GPU"] = 1
+    scaling = ScalingConfig(num_workers=low if low == high else (low, high), use_gpu=config.use_gpu,
+                            resources_per_worker=resources)
+    run_config = RunConfig(
+        name=config.name,
+        storage_path=storage_uri(config),
+        failure_config=FailureConfig(max_failures=config.max_failures,
+                                     max_preemption_failures=config.max_preemption_failures),
+        checkpoint_config=CheckpointConfig(num_to_keep=config.keep, checkpoint_score_attribute="val_pck",
+                                           checkpoint_score_order="max"),
+        callbacks=[BestCheckpointExporter()],
+    )
+    return TorchTrainer(train_fn, train_loop_config=train_loop_config or config.to_dict(),
+                        scaling_config=scaling, run_config=run_config)
+
+
+def run(config: TrainConfig, *, init_ray: bool = True) -> Result:
+    if init_ray and not ray.is_initialized():
+        # ray.init() attaches to RAY_ADDRESS when set (a cluster, or inside `ray job submit`),
+        # and otherwise starts a local instance on this machine.
+        ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=True)
+    result = build_trainer(config).fit()
+    print(summary(result), flush=True)
+    return result
+
+
+def summary(result: Result) -> str:
+    metrics: Optional[dict] = result.metrics or {}
+    lines = [f"run directory: {result.path}"]
+    if result.checkpoint is not None:
+        lines.append(f"latest checkpoint: {result.checkpoint.path}")
+    if metrics:
+        lines.append(f"last report: epoch {metrics.get('epoch')}  val_pck {metrics.get('val_pck')}  "
+                     f"best val_pck {metrics.get('best_val_pck')}  best val_loss {metrics.get('best_val_loss')}")
+    return "\n".join(lines)

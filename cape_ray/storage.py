@@ -1,0 +1,95 @@
+"""Run directories on any pyarrow filesystem (local, NFS, s3://...): list, fetch, copy, delete.
+
+Ray keeps a run at `{storage_path}/{name}`; checkpoints are its `checkpoint_*` subdirectories.
+Everything here goes through pyarrow so the same code serves local disks and object stores.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import pyarrow.fs as pafs
+
+from cape_ray.checkpoint import MANIFEST, position_from_name, verify_checkpoint
+
+log = logging.getLogger("cape_ray")
+
+
+def resolve(uri_or_path: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path) for a local path or a URI such as s3://bucket/prefix."""
+    if "://" not in uri_or_path:
+        uri_or_path = os.path.abspath(uri_or_path)
+    return pafs.FileSystem.from_uri(uri_or_path)
+
+
+def run_path(storage_path: str, name: str) -> tuple[pafs.FileSystem, str]:
+    fs, base = resolve(storage_path)
+    return fs, f"{base.rstrip('/')}/{name}"
+
+
+def list_dirs(fs: pafs.FileSystem, path: str, prefix: str = "checkpoint_") -> list[str]:
+    """Names of the subdirectories of `path` starting with `prefix` (empty if `path` is absent)."""
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith(prefix))
+
+
+def exists(fs: pafs.FileSystem, path: str) -> bool:
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def delete_dir(fs: pafs.FileSystem, path: str) -> None:
+    if exists(fs, path):
+        fs.delete_dir(path)
+
+
+def download(fs: pafs.FileSystem, path: str, local_dir: str) -> str:
+    """Copy a storage directory to a local directory (no-op for a local filesystem: read in place)."""
+    if isinstance(fs, pafs.LocalFileSystem):
+        return path
+    pafs.copy_files(path, local_dir, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    return local_dir
+
+
+def is_valid(fs: pafs.FileSystem, path: str) -> bool:
+    with tempfile.TemporaryDirectory(prefix="cape_ray_verify_") as tmp:
+        try:
+            local = download(fs, path, tmp)
+        except OSError:
+            return False
+        return not verify_checkpoint(local)
+
+
+def copy_checkpoint(fs: pafs.FileSystem, source: str, destination: str) -> None:
+    """Copy a checkpoint directory within one filesystem, manifest last, so a partial copy never verifies."""
+    selector = pafs.FileSelector(source, recursive=True)
+    files = [i for i in fs.get_file_info(selector) if i.type == pafs.FileType.File]
+    files.sort(key=lambda i: i.base_name == MANIFEST)  # manifest last
+    for info in files:
+        relative = info.path[len(source.rstrip("/")) + 1:]
+        target = f"{destination}/{relative}"
+        fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+        fs.copy_file(info.path, target)
+
+
+def newest_valid_before(fs: pafs.FileSystem, run_dir: str, limit_name: str) -> Optional[str]:
+    """The newest verifying regular checkpoint at or before `limit_name`'s position, excluding it."""
+    limit = position_from_name(limit_name)
+    candidates = []
+    for name in list_dirs(fs, run_dir):
+        pos = position_from_name(name)
+        if pos is None or name == limit_name or (limit is not None and pos > limit):
+            continue
+        candidates.append((pos, name))
+    for _, name in sorted(candidates, reverse=True):
+        if is_valid(fs, f"{run_dir}/{name}"):
+            return name
+        log.warning("checkpoint %s/%s does not verify either; skipping it", run_dir, name)
+    return None
+
+
+def local_path(path: str) -> Optional[Path]:
+    return Path(path) if "://" not in path else None

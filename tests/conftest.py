@@ -1,0 +1,21 @@
+"""Shared fixtures. Ray tests share ONE local Ray instance for the whole session."""
+
+import os
+
+import pytest
+
+# Fast failure detection and short report stalls in tests; must be set before Ray starts.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """Start one local Ray instance; yields its GCS address for subprocess drivers."""
+    import ray
+
+    if not ray.is_initialized():
+        # More logical CPUs than cores: 2 workers + a subprocess driver's workers may overlap briefly.
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=True)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
