@@ -108,7 +108,7 @@ class TrainConfig:
              f"must be a multiple of 16, >= 32, got {self.image_size!r}")
         need(self.synthetic_instances_per_category >= self.num_shots + 1, "synthetic_instances_per_category",
              f"must be >= num_shots + 1 = {self.num_shots + 1}")
-        need(self.synthetic_canvas >= self.image_size // 2, "synthetic_canvas", "is too small")
+        need(self.synthetic_canvas >= 32, "synthetic_canvas", f"must be >= 32 pixels, got {self.synthetic_canvas!r}")
         need(self.backbone in ("small", "large"), "backbone", f"must be small or large, got {self.backbone!r}")
         self.worker_range()  # raises on a malformed --num_workers
         if self.data_root is not None:
