@@ -171,6 +171,43 @@ def _registered_names() -> set[str]:
 
 
 # ----------------------------------------------------------------------------- the loop
+def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                   sampler: EpisodeSampler, split: Any, config: TrainConfig, epoch: int, step: int,
+                   rank: int, world_size: int, device: torch.device) -> list[float]:
+    """One optimizer step over this rank's micro-batches of (epoch, step); returns their losses."""
+    losses = []
+    for micro in range(config.accumulation_steps):
+        indices = global_episode_indices(step, micro, rank, world_size, config.batch_size,
+                                         config.accumulation_steps)
+        batch = collate(split, sampler.train_episodes(epoch, indices), augment=config.augment).to(device)
+        # DDP averages gradients only on the last micro-batch of the step.
+        last_micro = micro == config.accumulation_steps - 1
+        sync = contextlib.nullcontext() if last_micro or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            loss, _ = engine.compute_loss(model, batch)
+            (loss / config.accumulation_steps).backward()
+        losses.append(float(loss.detach()))
+    if config.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return losses
+
+
+def validation_sums(model: torch.nn.Module, split: Any, episodes: list, batch_size: int,
+                    device: torch.device) -> dict[str, float]:
+    """Loss and PCK sums over fixed episodes (summed, so ranks can add theirs up)."""
+    model.eval()
+    sums: dict[str, float] = {}
+    with torch.no_grad():
+        for start in range(0, len(episodes), batch_size):
+            batch = collate(split, episodes[start:start + batch_size], augment=False).to(device)
+            for key, value in engine.evaluation_sums(model, batch).items():
+                sums[key] = sums.get(key, 0.0) + float(value)
+    return sums
+
+
 def train_loop_per_worker(config_dict: dict[str, Any]) -> None:
     config = TrainConfig.from_dict(config_dict)
     rank, world_size = _world()
@@ -254,8 +291,11 @@ def train_loop_per_worker(config_dict: dict[str, Any]) -> None:
                   f"nothing to train", flush=True)
         return
 
+    seconds = {"train": 0.0, "checkpoint": 0.0}  # this attempt's totals, for the overhead benchmark
+
     def report(metrics: dict[str, Any], name: str) -> None:
         """Write this position as a checkpoint (rank 0) and report it (all ranks: a barrier)."""
+        started = time.perf_counter()
         state = {
             "config": config.to_dict(), "position": asdict(position), "tracking": tracking.state_dict(),
             "world_size": world_size, "metrics": metrics, "num_threads": config.num_threads,
@@ -281,28 +321,18 @@ def train_loop_per_worker(config_dict: dict[str, Any]) -> None:
         finally:
             if staging:
                 shutil.rmtree(staging, ignore_errors=True)
+            seconds["checkpoint"] += time.perf_counter() - started
 
     for epoch in range(position.epoch, config.epochs):
         model.train()
         epoch_start = time.perf_counter()
         for step in range(position.step, steps_per_epoch):
-            for micro in range(config.accumulation_steps):
-                indices = global_episode_indices(step, micro, rank, world_size, config.batch_size,
-                                                 config.accumulation_steps)
-                episodes = sampler.train_episodes(epoch, indices)
-                batch = collate(train_split, episodes, augment=config.augment).to(device)
-                last_micro = micro == config.accumulation_steps - 1
-                sync = contextlib.nullcontext() if last_micro or world_size == 1 else model.no_sync()
-                with sync:
-                    loss, _ = engine.compute_loss(model, batch)
-                    (loss / config.accumulation_steps).backward()
-                loss_sum += float(loss.detach())
+            step_start = time.perf_counter()
+            for loss in optimizer_step(model, optimizer, scheduler, sampler, train_split, config,
+                                       epoch, step, rank, world_size, device):
+                loss_sum += loss
                 loss_count += 1
-            if config.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            seconds["train"] += time.perf_counter() - step_start
             position.step, position.global_step = step + 1, position.global_step + 1
 
             every = config.checkpoint_every_steps
@@ -315,13 +345,7 @@ def train_loop_per_worker(config_dict: dict[str, Any]) -> None:
 
         # ---- end of epoch: train loss over all ranks, validation over all ranks' episodes
         train_sums = _all_reduce_sums({"sum": loss_sum, "count": loss_count})
-        model.eval()
-        with torch.no_grad():
-            sums: dict[str, float] = {}
-            for start in range(0, len(val_mine), config.batch_size):
-                batch = collate(val_split, val_mine[start:start + config.batch_size], augment=False).to(device)
-                for key, value in engine.evaluation_sums(raw_model, batch).items():
-                    sums[key] = sums.get(key, 0.0) + float(value)
+        sums = validation_sums(raw_model, val_split, val_mine, config.batch_size, device)
         val = engine.summarize(_all_reduce_sums(sums))
         epoch_time = time.perf_counter() - epoch_start
         flags = tracking.update(val["val_loss"], val["val_pck"], epoch + 1)
@@ -330,13 +354,15 @@ def train_loop_per_worker(config_dict: dict[str, Any]) -> None:
             "train_loss": train_sums["sum"] / max(1.0, train_sums["count"]),
             **{k: float(v) for k, v in val.items()},
             "lr": float(scheduler.get_last_lr()[0]), "epoch_time_s": epoch_time,
+            # totals of this attempt, before this report's own checkpoint
+            "train_time_total_s": seconds["train"], "checkpoint_time_total_s": seconds["checkpoint"],
             "is_best_loss": int(flags["is_best_loss"]), "is_best_pck": int(flags["is_best_pck"]),
             "best_val_loss": float(tracking.best_loss.best), "best_val_pck": float(tracking.best_pck.best),
             "epochs_without_improvement": tracking.early_stopping.epochs_without_improvement,
             "early_stopped": int(flags["stop"]),
         }
-        # The history records what is deterministic; wall-clock time would differ across runs.
-        position.history.append({k: v for k, v in metrics.items() if k != "epoch_time_s"})
+        # The history records what is deterministic; wall-clock times (*_s) differ across runs.
+        position.history.append({k: v for k, v in metrics.items() if not k.endswith("_s")})
         position.epoch, position.step = epoch + 1, 0
         loss_sum, loss_count = 0.0, 0
         name = ckpt.checkpoint_name(config, epoch + 1)
