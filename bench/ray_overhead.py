@@ -50,7 +50,8 @@ def plain_loop_steps_per_second(config: TrainConfig, steps: int, warmup: int = 5
     for i in range(warmup + steps):
         start = time.perf_counter()
         worker.optimizer_step(model, optimizer, scheduler, sampler, split, config, i // per_epoch,
-                              i % per_epoch, 0, 1, torch.device("cpu"))
+                              (i % per_epoch) * config.batch_size * config.accumulation_steps, 0, 1,
+                              torch.device("cpu"))
         if i >= warmup:
             elapsed += time.perf_counter() - start
     return steps / elapsed

@@ -38,6 +38,7 @@ class TrainConfig:
     early_stopping_patience: int = 0  # epochs without PCK improvement before stopping; 0 = off
     early_stopping_min_delta: float = 0.0
     checkpoint_every_steps: int = 0  # mid-epoch checkpoint cadence in optimizer steps; 0 = off
+    preemption_check_steps: int = 10  # ask Ray about node preemption every N steps (a collective)
 
     # --- episodes ---
     num_shots: int = 1
@@ -69,6 +70,7 @@ class TrainConfig:
     max_failures: int = 3
     max_preemption_failures: int = -1  # -1 = unlimited; preemptions never use max_failures
     keep: int = 2  # top-K checkpoints by val_pck kept by Ray, plus the latest
+    progress: str = "auto"  # bar (interactive) | lines (job logs) | auto: bar when stdout is a terminal
 
     def __post_init__(self) -> None:
         self.validate()
@@ -88,7 +90,7 @@ class TrainConfig:
             need(isinstance(value, int) and not isinstance(value, bool) and value >= 1, flag,
                  f"must be an integer >= 1, got {value!r}")
         for flag in ("warmup_steps", "early_stopping_patience", "checkpoint_every_steps",
-                     "refine_layers", "max_failures", "seed", "data_seed"):
+                     "refine_layers", "max_failures", "seed", "data_seed", "preemption_check_steps"):
             value = getattr(self, flag)
             need(isinstance(value, int) and not isinstance(value, bool) and value >= 0, flag,
                  f"must be an integer >= 0, got {value!r}")
@@ -110,6 +112,7 @@ class TrainConfig:
              f"must be >= num_shots + 1 = {self.num_shots + 1}")
         need(self.synthetic_canvas >= 32, "synthetic_canvas", f"must be >= 32 pixels, got {self.synthetic_canvas!r}")
         need(self.backbone in ("small", "large"), "backbone", f"must be small or large, got {self.backbone!r}")
+        need(self.progress in ("auto", "bar", "lines"), "progress", f"must be auto, bar or lines, got {self.progress!r}")
         self.worker_range()  # raises on a malformed --num_workers
         if self.data_root is not None:
             need(os.path.isdir(self.data_root), "data_root", f"directory {self.data_root!r} does not exist")

@@ -8,6 +8,7 @@ that cluster. The run name is always set: rerunning the same command with the sa
 from __future__ import annotations
 
 import os
+import sys
 from typing import Callable, Optional
 
 import ray
@@ -47,6 +48,9 @@ def build_trainer(config: TrainConfig, train_fn: Callable[[dict], None] = train_
 
 
 def run(config: TrainConfig, *, init_ray: bool = True) -> Result:
+    if config.progress == "auto":
+        # Workers never see a terminal; the driver does, and Ray draws worker bars on it.
+        config = config.replace(progress="bar" if sys.stdout.isatty() else "lines")
     if init_ray and not ray.is_initialized():
         # ray.init() attaches to RAY_ADDRESS when set (a cluster, or inside `ray job submit`),
         # and otherwise starts a local instance on this machine.

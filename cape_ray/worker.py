@@ -2,7 +2,7 @@
 
 restore -> epochs / steps -> validate -> checkpoint -> report. Everything a resumed run needs to be
 bitwise identical to one that never stopped is in the checkpoint: model, optimizer, scheduler,
-position (epoch, step, running loss of the epoch), tracking, history and every rank's RNG.
+position (epoch, step, episode), tracking, history, and each rank's RNG and running loss.
 """
 
 from __future__ import annotations
@@ -38,11 +38,14 @@ UNVALIDATED_PCK = -1.0
 
 @dataclass
 class Position:
-    """Where training stands (the same on every rank); `epoch`/`step` are the next to run (0-based)."""
+    """Where training stands, the same on every rank. `epoch` is the next epoch to run (0-based);
+    `step` / `episode` count the optimizer steps / episodes (all ranks) already done in it."""
 
     epoch: int = 0
     step: int = 0
+    episode: int = 0
     global_step: int = 0
+    episodes_per_step: int = 0  # batch_size x accumulation x world size, fixed when the run starts
     history: list = field(default_factory=list)  # one metrics dict per validated epoch
 
 
@@ -172,13 +175,17 @@ def _registered_names() -> set[str]:
 
 # ----------------------------------------------------------------------------- the loop
 def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-                   sampler: EpisodeSampler, split: Any, config: TrainConfig, epoch: int, step: int,
+                   sampler: EpisodeSampler, split: Any, config: TrainConfig, epoch: int, first_episode: int,
                    rank: int, world_size: int, device: torch.device) -> list[float]:
-    """One optimizer step over this rank's micro-batches of (epoch, step); returns their losses."""
+    """One optimizer step over this rank's micro-batches of the episodes starting at `first_episode`.
+
+    Returns the micro-batch losses. Which episodes a rank trains on depends only on the position,
+    so the global sequence is the same for any world size (see data/episodes.py).
+    """
     losses = []
     for micro in range(config.accumulation_steps):
-        indices = global_episode_indices(step, micro, rank, world_size, config.batch_size,
-                                         config.accumulation_steps)
+        indices = first_episode + global_episode_indices(0, micro, rank, world_size, config.batch_size,
+                                                         config.accumulation_steps)
         batch = collate(split, sampler.train_episodes(epoch, indices), augment=config.augment).to(device)
         # DDP averages gradients only on the last micro-batch of the step.
         last_micro = micro == config.accumulation_steps - 1
@@ -208,6 +215,73 @@ def validation_sums(model: torch.nn.Module, split: Any, episodes: list, batch_si
     return sums
 
 
+def plan_accumulation(config: TrainConfig, world_size: int, state: Optional[dict]) -> tuple[int, Optional[str]]:
+    """Accumulation steps for this attempt, and a note when they differ from the flags.
+
+    A run keeps its episodes per optimizer step (its effective batch) across world-size changes by
+    adjusting accumulation; when that is impossible, the batch changes and the note says so.
+    """
+    if state is None or state["world_size"] == world_size:
+        return config.accumulation_steps, None
+    wanted = state["position"]["episodes_per_step"]
+    per_micro = config.batch_size * world_size
+    if wanted % per_micro == 0:
+        accumulation = wanted // per_micro
+        return accumulation, (f"world size {state['world_size']} -> {world_size}: accumulation_steps "
+                              f"{config.accumulation_steps} -> {accumulation} keeps {wanted} episodes per step")
+    accumulation = max(1, round(wanted / per_micro))
+    return accumulation, (f"world size {state['world_size']} -> {world_size}: {wanted} episodes per step cannot be "
+                          f"kept with batch_size {config.batch_size}; now {accumulation * per_micro} "
+                          f"(accumulation_steps {accumulation}); the LR schedule is rescaled to the new step count")
+
+
+class Progress:
+    """Rank 0's progress: a live bar on a terminal (drawn by the Ray driver), else a line per epoch."""
+
+    def __init__(self, config: TrainConfig, rank: int, steps_per_epoch: int) -> None:
+        self.enabled = rank == 0
+        self.use_bar = self.enabled and config.progress == "bar"
+        self.config, self.steps_per_epoch = config, steps_per_epoch
+        self.bar: Any = None
+        self.epoch_times: list[float] = []
+
+    def start_epoch(self, epoch: int, first_step: int) -> None:
+        if self.use_bar:
+            from ray.experimental import tqdm_ray
+
+            self.bar = tqdm_ray.tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{self.config.epochs}",
+                                     unit="step")
+            self.bar.update(first_step)
+
+    def step(self, epoch: int, loss: float) -> None:
+        if self.bar is not None:
+            self.bar.set_description(f"epoch {epoch + 1}/{self.config.epochs} loss {loss:.4f}")
+            self.bar.update(1)
+
+    def end_epoch(self, metrics: dict[str, Any], steps: int, train_seconds: float, epoch_seconds: float,
+                  name: str, flags: dict[str, bool]) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        if not self.enabled:
+            return
+        self.epoch_times.append(epoch_seconds)
+        remaining = (self.config.epochs - metrics["epoch"]) * (sum(self.epoch_times) / len(self.epoch_times))
+        speed = steps / train_seconds if train_seconds > 0 else float("nan")
+        print(f"epoch {metrics['epoch']:3d}/{self.config.epochs}  {steps} steps  "
+              f"train_loss {metrics['train_loss']:.4f}  val_loss {metrics['val_loss']:.4f}  "
+              f"val_pck {metrics['val_pck']:.4f}  lr {metrics['lr']:.2e}  {speed:.1f} steps/s  "
+              f"{epoch_seconds:.1f}s  ETA {_duration(remaining)}  -> {name}"
+              + ("  [best pck]" if flags["is_best_pck"] else "")
+              + ("  [best loss]" if flags["is_best_loss"] else ""), flush=True)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
 def train_loop_per_worker(config_dict: dict[str, Any]) -> None:
     config = TrainConfig.from_dict(config_dict)
     rank, world_size = _world()
@@ -221,8 +295,6 @@ def train_loop_per_worker(config_dict: dict[str, Any]) -> None:
     sampler = EpisodeSampler(train_split, config.num_shots, config.num_queries_per_episode, seed=config.seed)
     val_sampler = EpisodeSampler(val_split, config.num_shots, config.val_queries_per_episode, seed=config.data_seed)
     val_mine = shard(val_sampler.fixed_episodes(config.val_episodes), rank, world_size)
-    steps_per_epoch = config.steps_per_epoch_at(world_size)
-    total_steps = steps_per_epoch * config.epochs
 
     # Same initial weights on every rank; then a per-rank stream for dropout.
     rng.seed_everything(config.seed)
@@ -232,43 +304,51 @@ def train_loop_per_worker(config_dict: dict[str, Any]) -> None:
     scratch = tempfile.mkdtemp(prefix="cape_ray_restore_")
     try:
         restored = find_restore_point(config, scratch)
+        state = restored.checkpoint.state if restored else None
+        accumulation, layout_note = plan_accumulation(config, world_size, state)
+        config = config.replace(accumulation_steps=accumulation)
+        episodes_per_step = config.batch_size * accumulation * world_size
+        steps_per_epoch = config.episodes_per_epoch // episodes_per_step
+        if steps_per_epoch < 1:
+            raise ValueError(f"--episodes_per_epoch {config.episodes_per_epoch} is smaller than one optimizer "
+                             f"step ({episodes_per_step} episodes: batch x accumulation x workers)")
         if restored is not None:
-            ckpt.check_compatible(restored.checkpoint.state, config, restored.checkpoint.path)
+            ckpt.check_compatible(state, config, restored.checkpoint.path)
             model.load_state_dict(restored.checkpoint.model)
         model = ray.train.torch.prepare_model(model)
         raw_model = model.module if hasattr(model, "module") else model
         optimizer = engine.build_optimizer(raw_model, config)
-        scheduler = engine.build_scheduler(optimizer, config, total_steps)
+        scheduler = engine.build_scheduler(optimizer, config, steps_per_epoch * config.epochs)
         tracking = RunTracking(config.early_stopping_patience, config.early_stopping_min_delta)
-        position = Position()
+        position = Position(episodes_per_step=episodes_per_step)
         loss_sum, loss_count = 0.0, 0  # this rank's running train loss of the current epoch
 
         if restored is not None:
-            state = restored.checkpoint.state
             optimizer.load_state_dict(restored.checkpoint.optimizer)
             scheduler.load_state_dict(restored.checkpoint.scheduler)
             tracking.load_state_dict(state["tracking"])
-            position = Position(**state["position"])
-            if position.step > 0 and state["world_size"] != world_size:
-                raise ckpt.CheckpointError(
-                    f"{restored.name} is a mid-epoch checkpoint of a {state['world_size']}-worker run; "
-                    f"resume it with --num_workers {state['world_size']} or from an epoch-end checkpoint")
+            position = Position(**{**state["position"], "episodes_per_step": episodes_per_step})
+            rank_states = restored.checkpoint.rank_states
             # RNG last: nothing after this point may draw from the global generators before training.
-            if state["world_size"] == world_size and rank in restored.checkpoint.rank_states:
-                mine = restored.checkpoint.rank_states[rank]
-                loss_sum, loss_count = float(mine["loss_sum"]), int(mine["loss_count"])
-                names = rng.restore(mine["rng"])
+            if state["world_size"] == world_size and rank in rank_states:
+                loss_sum, loss_count = float(rank_states[rank]["loss_sum"]), int(rank_states[rank]["loss_count"])
+                names = rng.restore(rank_states[rank]["rng"])
                 rng_note = f"RNG restored: {', '.join(names)} ({world_size} rank{'s' * (world_size > 1)})"
                 if "cuda" not in names:
                     rng_note += "; CUDA n/a"
             else:
+                if rank == 0:  # the epoch's train-loss mean only needs the totals
+                    loss_sum = sum(float(r["loss_sum"]) for r in rank_states.values())
+                    loss_count = sum(int(r["loss_count"]) for r in rank_states.values())
                 rng.seed_everything(rng.derived_seed(config.seed, position.global_step, rank))
-                rng_note = (f"RNG RE-SEEDED deterministically: checkpoint has {state['world_size']} "
+                rng_note = (f"RNG RE-SEEDED deterministically: the checkpoint has {state['world_size']} "
                             f"rank(s), this run has {world_size}")
                 log.warning("WARNING: world size changed (%d -> %d); per-rank RNG re-seeded",
                             state["world_size"], world_size)
             if rank == 0:
                 print(_banner(restored, position, tracking, rng_note), flush=True)
+        if layout_note and rank == 0:
+            log.warning("WARNING: %s", layout_note)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -323,55 +403,69 @@ def train_loop_per_worker(config_dict: dict[str, Any]) -> None:
                 shutil.rmtree(staging, ignore_errors=True)
             seconds["checkpoint"] += time.perf_counter() - started
 
+    def report_mid_epoch(epoch: int, reason: str) -> None:
+        metrics = {"val_pck": UNVALIDATED_PCK, "validated": 0, "reason": reason, "epoch": epoch + 1,
+                   "step": position.step, "global_step": position.global_step,
+                   "lr": float(scheduler.get_last_lr()[0]), "train_loss": loss_sum / max(1, loss_count)}
+        report(metrics, ckpt.checkpoint_name(config, epoch + 1, position.step))
+
+    progress = Progress(config, rank, steps_per_epoch)
+    preemption_saved = False
     for epoch in range(position.epoch, config.epochs):
         model.train()
-        epoch_start = time.perf_counter()
-        for step in range(position.step, steps_per_epoch):
+        epoch_start, epoch_train_seconds, first_step = time.perf_counter(), 0.0, position.step
+        progress.start_epoch(epoch, position.step)
+        while position.episode + episodes_per_step <= config.episodes_per_epoch:
             step_start = time.perf_counter()
-            for loss in optimizer_step(model, optimizer, scheduler, sampler, train_split, config,
-                                       epoch, step, rank, world_size, device):
-                loss_sum += loss
-                loss_count += 1
-            seconds["train"] += time.perf_counter() - step_start
-            position.step, position.global_step = step + 1, position.global_step + 1
+            losses = optimizer_step(model, optimizer, scheduler, sampler, train_split, config, epoch,
+                                    position.episode, rank, world_size, device)
+            loss_sum, loss_count = loss_sum + sum(losses), loss_count + len(losses)
+            epoch_train_seconds += time.perf_counter() - step_start
+            position.step, position.episode = position.step + 1, position.episode + episodes_per_step
+            position.global_step += 1
+            progress.step(epoch, losses[-1])
 
+            mid_epoch = position.episode + episodes_per_step <= config.episodes_per_epoch
             every = config.checkpoint_every_steps
-            if every and position.global_step % every == 0 and position.step < steps_per_epoch:
-                metrics = {"val_pck": UNVALIDATED_PCK, "validated": 0, "epoch": epoch + 1,
-                           "step": position.step, "global_step": position.global_step,
-                           "lr": float(scheduler.get_last_lr()[0]),
-                           "train_loss": loss_sum / max(1, loss_count)}
-                report(metrics, ckpt.checkpoint_name(config, epoch + 1, position.step))
+            if mid_epoch and every and position.global_step % every == 0:
+                report_mid_epoch(epoch, "scheduled")
+            elif config.preemption_check_steps and position.global_step % config.preemption_check_steps == 0:
+                # A collective: every rank asks at the same steps. On a notice, save once right away;
+                # the restart after the node goes away counts against max_preemption_failures.
+                notice = ray.train.get_preemption_info()
+                if notice is not None and not preemption_saved and mid_epoch:
+                    if rank == 0:
+                        print(f"preemption notice for ranks {notice.preempted_ranks} (deadline "
+                              f"{notice.deadline_ms} ms): writing a just-in-time checkpoint", flush=True)
+                    report_mid_epoch(epoch, "preemption")
+                preemption_saved = preemption_saved or notice is not None
+        seconds["train"] += epoch_train_seconds
 
         # ---- end of epoch: train loss over all ranks, validation over all ranks' episodes
         train_sums = _all_reduce_sums({"sum": loss_sum, "count": loss_count})
-        sums = validation_sums(raw_model, val_split, val_mine, config.batch_size, device)
-        val = engine.summarize(_all_reduce_sums(sums))
-        epoch_time = time.perf_counter() - epoch_start
+        val = engine.summarize(_all_reduce_sums(validation_sums(raw_model, val_split, val_mine,
+                                                                config.batch_size, device)))
+        epoch_seconds = time.perf_counter() - epoch_start
         flags = tracking.update(val["val_loss"], val["val_pck"], epoch + 1)
         metrics = {
-            "epoch": epoch + 1, "step": steps_per_epoch, "global_step": position.global_step, "validated": 1,
+            "epoch": epoch + 1, "step": position.step, "global_step": position.global_step, "validated": 1,
             "train_loss": train_sums["sum"] / max(1.0, train_sums["count"]),
             **{k: float(v) for k, v in val.items()},
-            "lr": float(scheduler.get_last_lr()[0]), "epoch_time_s": epoch_time,
-            # totals of this attempt, before this report's own checkpoint
-            "train_time_total_s": seconds["train"], "checkpoint_time_total_s": seconds["checkpoint"],
+            "lr": float(scheduler.get_last_lr()[0]),
             "is_best_loss": int(flags["is_best_loss"]), "is_best_pck": int(flags["is_best_pck"]),
             "best_val_loss": float(tracking.best_loss.best), "best_val_pck": float(tracking.best_pck.best),
             "epochs_without_improvement": tracking.early_stopping.epochs_without_improvement,
             "early_stopped": int(flags["stop"]),
+            # wall-clock figures (*_s): this attempt's totals, before this report's own checkpoint
+            "epoch_time_s": epoch_seconds, "train_time_total_s": seconds["train"],
+            "checkpoint_time_total_s": seconds["checkpoint"],
         }
-        # The history records what is deterministic; wall-clock times (*_s) differ across runs.
+        # The history records what is deterministic; wall-clock figures differ across runs.
         position.history.append({k: v for k, v in metrics.items() if not k.endswith("_s")})
-        position.epoch, position.step = epoch + 1, 0
+        position.epoch, position.step, position.episode = epoch + 1, 0, 0
         loss_sum, loss_count = 0.0, 0
         name = ckpt.checkpoint_name(config, epoch + 1)
-        if rank == 0:
-            print(f"epoch {epoch + 1:3d}/{config.epochs}  train_loss {metrics['train_loss']:.4f}  "
-                  f"val_loss {metrics['val_loss']:.4f}  val_pck {metrics['val_pck']:.4f}  "
-                  f"lr {metrics['lr']:.2e}  {epoch_time:.1f}s  -> {name}"
-                  + ("  [best pck]" if flags["is_best_pck"] else "")
-                  + ("  [best loss]" if flags["is_best_loss"] else ""), flush=True)
+        progress.end_epoch(metrics, metrics["step"] - first_step, epoch_train_seconds, epoch_seconds, name, flags)
         report(metrics, name)
         if flags["stop"]:
             if rank == 0:

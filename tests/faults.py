@@ -39,3 +39,40 @@ def train_with_faults(config: dict) -> None:
 
         engine.compute_loss = compute_loss_then_die
     train_loop_per_worker(config)
+
+
+def train_with_episode_log(config: dict) -> None:
+    """Train, appending every (epoch, episode index) this rank trains on to a log file."""
+    config = dict(config)
+    log_path = config.pop("_episode_log")
+    from cape_ray.data.episodes import EpisodeSampler
+
+    train_episodes = EpisodeSampler.train_episodes
+
+    def logged(self, epoch, indices):
+        with open(log_path, "a") as log:
+            log.write("".join(f"{epoch} {int(i)}\n" for i in indices))
+        return train_episodes(self, epoch, indices)
+
+    EpisodeSampler.train_episodes = logged
+    train_loop_per_worker(config)
+
+
+def train_with_preemption_notice(config: dict) -> None:
+    """Train while Ray reports an imminent preemption from the N-th check on (the boundary the
+    loop polls); a real node drain cannot be made on one machine."""
+    config = dict(config)
+    from_call = config.pop("_notice_from_call")
+    from ray.train import PreemptionInfo
+
+    calls = 0
+
+    def notice():
+        nonlocal calls
+        calls += 1
+        if calls < from_call:
+            return None
+        return PreemptionInfo(deadline_ms=int(1e12), preempted_node_to_ranks={"node-a": [0]})
+
+    ray.train.get_preemption_info = notice
+    train_loop_per_worker(config)

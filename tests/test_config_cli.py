@@ -59,3 +59,16 @@ def test_cli_error_is_one_line_and_exit_2():
     last = proc.stderr.strip().splitlines()[-1]
     assert "--lr" in last and "must be" in last
     assert "ray" not in proc.stderr.lower().replace("cape-ray", "")  # failed before Ray started
+
+
+def test_failure_config_counts_preemptions_separately():
+    from cape_ray.job import build_trainer
+
+    trainer = build_trainer(TrainConfig(max_failures=4, max_preemption_failures=9, num_workers="2:8", keep=3))
+    run_config, scaling = trainer.run_config, trainer.scaling_config
+    assert run_config.failure_config.max_failures == 4
+    assert run_config.failure_config.max_preemption_failures == 9
+    assert scaling.num_workers == (2, 8)
+    assert run_config.checkpoint_config.num_to_keep == 3
+    assert run_config.checkpoint_config.checkpoint_score_attribute == "val_pck"
+    assert run_config.name == "cape-ray"

@@ -234,3 +234,52 @@ def test_corrupted_latest_falls_back_to_previous_valid(ray_cluster, tmp_path):
     assert history[0] == original_history[0]  # continued from the valid epoch-1 checkpoint
     assert ckpt.verify_checkpoint(run_dir / latest)  # the damaged one was never repaired or used
     assert json.loads((run_dir / first / "state.json").read_text())["position"]["epoch"] == 1
+
+
+def test_two_worker_checkpoint_resumes_on_one_worker(reference, tmp_path):
+    """Elastic resume: the global episode sequence continues (nothing skipped or repeated) and the
+    effective batch is kept by doubling accumulation."""
+    from ray import cloudpickle
+
+    import faults
+
+    cloudpickle.register_pickle_by_value(faults)
+    run_dir, _ = reference
+    source = run_dir / "checkpoint_e002_lr3e-3_bs2_acc2_qpe2_s000002"
+    source_position = ckpt.read_state(source)["position"]
+    assert source_position["episode"] == 16 and source_position["episodes_per_step"] == 8
+
+    config = make_config(tmp_path, "elastic", num_workers="1", resume=str(source))
+    log = tmp_path / "episodes.log"
+    result = fit(config, faults.train_with_episode_log, {**config.to_dict(), "_episode_log": str(log)})
+    assert result.error is None
+    seen: dict[int, list[int]] = {}
+    for line in log.read_text().splitlines():
+        epoch, index = map(int, line.split())
+        seen.setdefault(epoch, []).append(index)
+    assert sorted(seen[1]) == list(range(16, 32))  # epoch 2 (0-based 1) from where the 2 workers stopped
+    assert sorted(seen[2]) == list(range(32))  # a whole epoch, each episode once
+    names = regular_checkpoints(tmp_path / "elastic")
+    assert names[-1] == "checkpoint_e003_lr3e-3_bs2_acc4_qpe2"  # accumulation 2 -> 4 keeps 8 per step
+    final = final_checkpoint(tmp_path / "elastic")
+    assert final.state["world_size"] == 1 and set(final.rank_states) == {0}
+    assert final.state["position"]["episodes_per_step"] == 8
+    assert [h["epoch"] for h in final.state["position"]["history"]] == [1, 2, 3]
+    assert final.state["position"]["global_step"] == 12  # same step count as the 2-worker reference
+
+
+def test_preemption_notice_writes_one_just_in_time_checkpoint(ray_cluster, tmp_path):
+    from ray import cloudpickle
+
+    import faults
+
+    cloudpickle.register_pickle_by_value(faults)
+    config = make_config(tmp_path, "preempt", num_workers="1", epochs=1, checkpoint_every_steps=0,
+                         preemption_check_steps=1)
+    result = fit(config, faults.train_with_preemption_notice, {**config.to_dict(), "_notice_from_call": 3})
+    assert result.error is None
+    mid_epoch = [n for n in regular_checkpoints(tmp_path / "preempt") if "_s0" in n]
+    assert mid_epoch == ["checkpoint_e001_lr3e-3_bs2_acc2_qpe2_s000003"]  # once, at the notice
+    state = ckpt.read_state(tmp_path / "preempt" / mid_epoch[0])
+    assert state["metrics"]["reason"] == "preemption" and state["metrics"]["val_pck"] == -1.0
+    assert state["position"]["step"] == 3
