@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -55,6 +56,16 @@ class Restored:
     name: str
     source: str  # "ray" (restart / driver rerun) or "--resume"
     fell_back_from: Optional[str] = None
+
+
+def say(message: str) -> None:
+    """One line to the worker's stdout (streamed to the driver and job logs).
+
+    Ray Train patches `print` into its logger and also tees it to a redirected stdout, which shows
+    every line twice; writing to the real stdout shows it once.
+    """
+    sys.__stdout__.write(message + "\n")
+    sys.__stdout__.flush()
 
 
 # ----------------------------------------------------------------------------- distributed helpers
@@ -268,12 +279,12 @@ class Progress:
         self.epoch_times.append(epoch_seconds)
         remaining = (self.config.epochs - metrics["epoch"]) * (sum(self.epoch_times) / len(self.epoch_times))
         speed = steps / train_seconds if train_seconds > 0 else float("nan")
-        print(f"epoch {metrics['epoch']:3d}/{self.config.epochs}  {steps} steps  "
+        say(f"epoch {metrics['epoch']:3d}/{self.config.epochs}  {steps} steps  "
               f"train_loss {metrics['train_loss']:.4f}  val_loss {metrics['val_loss']:.4f}  "
               f"val_pck {metrics['val_pck']:.4f}  lr {metrics['lr']:.2e}  {speed:.1f} steps/s  "
               f"{epoch_seconds:.1f}s  ETA {_duration(remaining)}  -> {name}"
               + ("  [best pck]" if flags["is_best_pck"] else "")
-              + ("  [best loss]" if flags["is_best_loss"] else ""), flush=True)
+              + ("  [best loss]" if flags["is_best_loss"] else ""))
 
 
 def _duration(seconds: float) -> str:
@@ -285,7 +296,6 @@ def _duration(seconds: float) -> str:
 def train_loop_per_worker(config_dict: dict[str, Any]) -> None:
     config = TrainConfig.from_dict(config_dict)
     rank, world_size = _world()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(config.num_threads)  # thread count changes float rounding: fix it
     device = ray.train.torch.get_device()
 
@@ -346,7 +356,7 @@ def train_loop_per_worker(config_dict: dict[str, Any]) -> None:
                 log.warning("WARNING: world size changed (%d -> %d); per-rank RNG re-seeded",
                             state["world_size"], world_size)
             if rank == 0:
-                print(_banner(restored, position, tracking, rng_note), flush=True)
+                say(_banner(restored, position, tracking, rng_note))
         if layout_note and rank == 0:
             log.warning("WARNING: %s", layout_note)
     finally:
@@ -359,16 +369,16 @@ def train_loop_per_worker(config_dict: dict[str, Any]) -> None:
             ckpt.checkpoint_name(config, position.epoch + (position.step > 0), position.step or None))
         removed, stray = clean_orphans(registered, restored_at)
         if removed:
-            print(f"removed {len(removed)} orphaned checkpoint dir(s) that Ray never registered "
-                  f"(a report lost in a crash; redone now): {', '.join(removed)}", flush=True)
+            say(f"removed {len(removed)} orphaned checkpoint dir(s) that Ray never registered "
+                  f"(a report lost in a crash; redone now): {', '.join(removed)}")
         if stray:
             log.warning("WARNING: %d checkpoint dir(s) in the run directory are not registered with Ray "
                         "and are not used: %s", len(stray), ", ".join(stray))
 
     if tracking.early_stopping.should_stop:
         if rank == 0:
-            print(f"early stopping already triggered at epoch {tracking.early_stopping.stopped_epoch}; "
-                  f"nothing to train", flush=True)
+            say(f"early stopping already triggered at epoch {tracking.early_stopping.stopped_epoch}; "
+                  f"nothing to train")
         return
 
     seconds = {"train": 0.0, "checkpoint": 0.0}  # this attempt's totals, for the overhead benchmark
@@ -435,8 +445,8 @@ def train_loop_per_worker(config_dict: dict[str, Any]) -> None:
                 notice = ray.train.get_preemption_info()
                 if notice is not None and not preemption_saved and mid_epoch:
                     if rank == 0:
-                        print(f"preemption notice for ranks {notice.preempted_ranks} (deadline "
-                              f"{notice.deadline_ms} ms): writing a just-in-time checkpoint", flush=True)
+                        say(f"preemption notice for ranks {notice.preempted_ranks} (deadline "
+                              f"{notice.deadline_ms} ms): writing a just-in-time checkpoint")
                     report_mid_epoch(epoch, "preemption")
                 preemption_saved = preemption_saved or notice is not None
         seconds["train"] += epoch_train_seconds
@@ -469,6 +479,6 @@ def train_loop_per_worker(config_dict: dict[str, Any]) -> None:
         report(metrics, name)
         if flags["stop"]:
             if rank == 0:
-                print(f"early stopping at epoch {epoch + 1}: no val_pck improvement > "
-                      f"{config.early_stopping_min_delta} for {config.early_stopping_patience} epochs", flush=True)
+                say(f"early stopping at epoch {epoch + 1}: no val_pck improvement > "
+                      f"{config.early_stopping_min_delta} for {config.early_stopping_patience} epochs")
             break
