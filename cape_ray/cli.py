@@ -1,4 +1,4 @@
-"""`cape-ray train | inspect | make-data` (also `python -m cape_ray`).
+"""`cape-ray train | inspect | make-data | evaluate | plot | show` (also `python -m cape_ray`).
 
 Every TrainConfig field is a flag, in both spellings (`--batch_size` and `--batch-size`). Invalid
 values are reported in one line before Ray starts.
@@ -138,6 +138,75 @@ def cmd_make_data(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     return 0
 
 
+def _both(name: str) -> list[str]:
+    """--flag_name and --flag-name."""
+    return [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+
+
+def _add_data_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(*_both("data_root"), dest="data_root", default=None,
+                        help="MP-100-format files (default: the checkpoint's data, built-in if it had none)")
+    parser.add_argument(*_both("mp100_split"), dest="mp100_split", type=int, default=None, choices=[1, 2, 3, 4, 5],
+                        help="MP-100 split 1..5 (default: the checkpoint's)")
+    parser.add_argument(*_both("num_shots"), dest="num_shots", type=int, default=None, choices=[1, 5],
+                        help="support images per episode (default: the checkpoint's)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="seed of the fixed episodes (default: the checkpoint's data_seed)")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+
+
+def cmd_evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import torch
+
+    from cape_ray import evaluate
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        report = evaluate.run(args.checkpoint, args.split, data_root=args.data_root, mp100_split=args.mp100_split,
+                              num_shots=args.num_shots, episodes=args.episodes, queries=args.queries, seed=args.seed,
+                              batch_size=args.batch_size, device=args.device,
+                              feature_cache=not args.no_feature_cache, with_loss=args.with_loss, verbose=True)
+    except evaluate.EvaluationError as exc:
+        print(f"cape-ray evaluate: error: {exc}", file=sys.stderr)
+        return 1
+    print(evaluate.format_report(report))
+    out = evaluate.write_report(report, args.out or evaluate.default_output(args.split))
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from cape_ray import plots
+
+    try:
+        out = plots.plot_curves(args.run_dir, args.out, dpi=args.dpi)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"cape-ray plot: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import torch
+
+    from cape_ray import evaluate, plots
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        out = plots.show_predictions(args.checkpoint, args.out, args.split, episodes=args.episodes,
+                                     queries=args.queries, num_shots=args.num_shots, data_root=args.data_root,
+                                     mp100_split=args.mp100_split, seed=args.seed, device=args.device, dpi=args.dpi)
+    except evaluate.EvaluationError as exc:
+        print(f"cape-ray show: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cape-ray", description="Category-agnostic pose estimation on Ray Train")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -158,6 +227,39 @@ def build_parser() -> argparse.ArgumentParser:
     make_data.add_argument("--canvas", type=int, default=96)
     make_data.add_argument("--split", type=int, default=1, choices=[1, 2, 3, 4, 5])
     make_data.set_defaults(handler=cmd_make_data)
+
+    evaluate = commands.add_parser(
+        "evaluate", help="PCK of a checkpoint on a split's unseen categories (MP-100 protocol); table + JSON")
+    evaluate.add_argument("--checkpoint", required=True, help="checkpoint directory (local path or URI)")
+    evaluate.add_argument("--split", default="test", choices=["test", "val", "train"])
+    _add_data_flags(evaluate)
+    evaluate.add_argument("--episodes", type=int, default=None,
+                          help="fixed episodes per category (default: 200 for test, 100 for val, as MP-100)")
+    evaluate.add_argument("--queries", type=int, default=15, help="queries per episode (MP-100: 15)")
+    evaluate.add_argument(*_both("batch_size"), dest="batch_size", type=int, default=None,
+                          help="episodes per forward (default: 4 on a CPU, 64 on a GPU); results do not depend on it")
+    evaluate.add_argument("--out", default=None, help="JSON report (default: ./evaluation_<split>.json)")
+    evaluate.add_argument(*_both("with_loss"), dest="with_loss", action="store_true",
+                          help="also report the validation loss")
+    evaluate.add_argument(*_both("no_feature_cache"), dest="no_feature_cache", action="store_true",
+                          help="run the backbone on every image of every episode instead of once per instance")
+    evaluate.set_defaults(handler=cmd_evaluate)
+
+    plot = commands.add_parser("plot", help="PNG of train/val loss and val PCK per epoch from a run's metrics.jsonl")
+    plot.add_argument("run_dir", help="run directory {storage_path}/{name} (local path or URI)")
+    plot.add_argument("--out", default=None, help="PNG path (default: ./curves_<run name>.png)")
+    plot.add_argument("--dpi", type=int, default=100)
+    plot.set_defaults(handler=cmd_plot)
+
+    show = commands.add_parser("show", help="PNG grid of supports and queries with ground truth and predictions")
+    show.add_argument("checkpoint", help="checkpoint directory (local path or URI)")
+    show.add_argument("--split", default="val", choices=["val", "test", "train"])
+    _add_data_flags(show)
+    show.add_argument("--episodes", type=int, default=4, help="rows: one episode of each of the first categories")
+    show.add_argument("--queries", type=int, default=4, help="query images per row")
+    show.add_argument("--out", default=None, help="PNG path (default: ./predictions_<checkpoint>_<split>.png)")
+    show.add_argument("--dpi", type=int, default=100)
+    show.set_defaults(handler=cmd_show)
     return parser
 
 

@@ -17,6 +17,7 @@ from ray.train.torch import TorchTrainer
 
 from cape_ray.callbacks import BestCheckpointExporter
 from cape_ray.config import TrainConfig
+from cape_ray.history import RunHistory
 from cape_ray.worker import train_loop_per_worker
 
 
@@ -41,7 +42,7 @@ def build_trainer(config: TrainConfig, train_fn: Callable[[dict], None] = train_
                                      max_preemption_failures=config.max_preemption_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=config.keep, checkpoint_score_attribute="val_pck",
                                            checkpoint_score_order="max"),
-        callbacks=[BestCheckpointExporter()],
+        callbacks=[BestCheckpointExporter(), RunHistory()],
     )
     return TorchTrainer(train_fn, train_loop_config=train_loop_config or config.to_dict(),
                         scaling_config=scaling, run_config=run_config)
