@@ -225,3 +225,17 @@ def check_compatible(state: dict, config: TrainConfig, path: str) -> None:
         raise CheckpointError(
             f"checkpoint {path} was written with another model configuration ({'; '.join(diffs)}). "
             f"Resume with the same model flags, or start a new run with another --name.")
+
+
+def check_model_shapes(saved: dict, expected: dict, path: str) -> None:
+    """Every tensor of the checkpoint fits the model as built now, or a clear error listing why."""
+    missing = sorted(set(expected) - set(saved))
+    unexpected = sorted(set(saved) - set(expected))
+    mismatched = [f"{k}: checkpoint {tuple(saved[k].shape)} vs model {tuple(v.shape)}"
+                  for k, v in expected.items() if k in saved and tuple(saved[k].shape) != tuple(v.shape)]
+    if missing or unexpected or mismatched:
+        details = (mismatched + [f"missing {k}" for k in missing] + [f"unexpected {k}" for k in unexpected])
+        raise CheckpointError(
+            f"checkpoint {path} does not fit this model ({len(mismatched)} shape mismatches, {len(missing)} "
+            f"missing, {len(unexpected)} unexpected tensors; first: {'; '.join(details[:3])}). It was written "
+            f"by another model configuration or cape-ray version; resume with the flags it was trained with.")

@@ -324,6 +324,7 @@ def train_loop_per_worker(config_dict: dict[str, Any]) -> None:
                              f"step ({episodes_per_step} episodes: batch x accumulation x workers)")
         if restored is not None:
             ckpt.check_compatible(state, config, restored.checkpoint.path)
+            ckpt.check_model_shapes(restored.checkpoint.model, model.state_dict(), restored.checkpoint.path)
             model.load_state_dict(restored.checkpoint.model)
         model = ray.train.torch.prepare_model(model)
         raw_model = model.module if hasattr(model, "module") else model

@@ -153,3 +153,11 @@ def test_names_follow_the_pipeline_convention():
     assert ckpt.position_from_name("checkpoint_e003_lr1e-4_bs2_acc4_qpe2_s000500") == (3, 500)
     assert ckpt.position_from_name("checkpoint_e003_lr1e-4_bs2_acc4_qpe2") > (3, 500)
     assert ckpt.position_from_name("checkpoint_best_pck_e089_pck0.8123_valloss0.1234") is None
+
+
+def test_model_that_does_not_fit_gives_clear_error():
+    small = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2)).state_dict()
+    wide = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Linear(16, 2), torch.nn.ReLU()).state_dict()
+    ckpt.check_model_shapes(small, small, "ck")
+    with pytest.raises(ckpt.CheckpointError, match=r"does not fit this model \(3 shape mismatches.*0\.weight: checkpoint \(8, 4\) vs model \(16, 4\)"):
+        ckpt.check_model_shapes(small, wide, "ck")
