@@ -30,7 +30,7 @@ class TrainConfig:
     episodes_per_epoch: int = 2048  # training episodes per epoch, over all ranks
     batch_size: int = 16  # episodes per rank per micro-batch
     accumulation_steps: int = 1
-    lr: float = 1e-3
+    lr: float = 3e-3
     weight_decay: float = 1e-4
     warmup_steps: int = 100
     min_lr_ratio: float = 0.02  # cosine decays to lr * min_lr_ratio
