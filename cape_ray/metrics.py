@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import torch
 
+from cape_ray.data.transforms import apply_affine
+
 PCK_THRESHOLDS = (0.05, 0.10, 0.15, 0.20, 0.25)
 
 
 def to_original_pixels(points: torch.Tensor, query_to_original: torch.Tensor) -> torch.Tensor:
     """points [B, Q, K, 2] normalised; query_to_original [B, Q, 2, 3] -> [B, Q, K, 2] original pixels."""
-    linear = query_to_original[..., :2]
-    offset = query_to_original[..., 2]
-    return points @ linear.transpose(-1, -2) + offset.unsqueeze(-2)
+    return apply_affine(query_to_original, points)
 
 
 def pck_valid_mask(query_visible: torch.Tensor, support_visible: torch.Tensor,

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from cape_ray.data.episodes import (EpisodeBatch, EpisodeSampler, collate, global_episode_indices, shard,
-                                    to_original_pixels)
+from cape_ray.data.episodes import EpisodeBatch, EpisodeSampler, collate, global_episode_indices, shard
 from cape_ray.data.synthetic import make_synthetic_split
 from cape_ray.data.transforms import prepare
+from cape_ray.metrics import to_original_pixels
 
 
 @pytest.fixture(scope="module")

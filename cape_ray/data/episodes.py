@@ -24,7 +24,7 @@ from typing import Optional, Sequence, TypeVar
 import numpy as np
 import torch
 
-from .transforms import AugmentParams, PreparedSplit, apply_affine, augment as augment_images, \
+from .transforms import AugmentParams, PreparedSplit, augment as augment_images, \
     compose_affine, sample_augment_params
 
 _BLOCK_TAG = 9001  # keeps the category schedule's generator apart from the episode generators
@@ -217,8 +217,3 @@ def collate(split: PreparedSplit, episodes: Sequence[Episode], augment: bool = F
         query_to_original=to_original,
         category_ids=torch.tensor([e.category_id for e in episodes], dtype=torch.int64),
     )
-
-
-def to_original_pixels(points: torch.Tensor, query_to_original: torch.Tensor) -> torch.Tensor:
-    """Normalised query points [B, Q, K, 2] -> original pixels, through [B, Q, 2, 3]."""
-    return apply_affine(query_to_original, points)
