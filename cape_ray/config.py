@@ -37,7 +37,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     early_stopping_patience: int = 0  # epochs without PCK improvement before stopping; 0 = off
     early_stopping_min_delta: float = 0.0
-    checkpoint_every_steps: int = 0  # mid-epoch checkpoint cadence in optimizer steps; 0 = off
+    checkpoint_every_steps: int = 200  # mid-epoch checkpoints every N optimizer steps (0 = off); N steps
+    # must take well over Ray's 2 s report poll interval, or reports stall training
     preemption_check_steps: int = 10  # ask Ray about node preemption every N steps (a collective)
 
     # --- episodes ---
