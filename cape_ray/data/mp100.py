@@ -33,7 +33,7 @@ import math
 import os
 from collections import Counter
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Iterator, Optional, Union
 
 import numpy as np
 from PIL import Image
@@ -155,15 +155,23 @@ def _record_name(kind: str, rec: Any, position: int) -> str:
     return f"{kind} #{position} (no valid id)"
 
 
+def _records(check: _Checker, records: list, kind: str) -> Iterator[tuple[str, dict, int]]:
+    """(name for messages, record, id) of each record, checked to be an object with a unique id."""
+    seen: set[int] = set()
+    for pos, rec in enumerate(records):
+        name = _record_name(kind, rec, pos)
+        if not isinstance(rec, dict):
+            raise check.fail(name, "", f"must be a JSON object, got {_short(rec)}.", f"write the {kind} as an object")
+        rid = check.integer(rec, "id", name)
+        if rid in seen:
+            raise check.fail(name, "id", f"duplicate {kind} id {rid}.", f"give every {kind} a unique id")
+        seen.add(rid)
+        yield name, rec, rid
+
+
 def _parse_categories(check: _Checker, records: list) -> dict[int, Category]:
     categories: dict[int, Category] = {}
-    for pos, rec in enumerate(records):
-        name = _record_name("category", rec, pos)
-        if not isinstance(rec, dict):
-            raise check.fail(name, "", f"must be a JSON object, got {_short(rec)}.", "write the category as an object")
-        cid = check.integer(rec, "id", name)
-        if cid in categories:
-            raise check.fail(name, "id", f"duplicate category id {cid}.", "give every category a unique id")
+    for name, rec, cid in _records(check, records, "category"):
         cname = rec.get("name")
         if not isinstance(cname, str) or not cname:
             raise check.fail(name, "name", f"must be a non-empty string, got {_short(cname)}.", "add the category name")
@@ -205,13 +213,7 @@ def _parse_categories(check: _Checker, records: list) -> dict[int, Category]:
 
 def _parse_images(check: _Checker, records: list, image_root: Path) -> dict[int, dict]:
     images: dict[int, dict] = {}
-    for pos, rec in enumerate(records):
-        name = _record_name("image", rec, pos)
-        if not isinstance(rec, dict):
-            raise check.fail(name, "", f"must be a JSON object, got {_short(rec)}.", "write the image as an object")
-        iid = check.integer(rec, "id", name)
-        if iid in images:
-            raise check.fail(name, "id", f"duplicate image id {iid}.", "give every image a unique id")
+    for name, rec, iid in _records(check, records, "image"):
         file_name = rec.get("file_name")
         if not isinstance(file_name, str) or not file_name:
             raise check.fail(name, "file_name", f"must be a non-empty path, got {_short(file_name)}.",
@@ -231,16 +233,7 @@ def _parse_annotations(check: _Checker, records: list, images: dict[int, dict],
                        categories: dict[int, Category]) -> tuple[dict[int, list[Instance]], Counter]:
     instances: dict[int, list[Instance]] = {}
     skipped: Counter = Counter()
-    seen: set[int] = set()
-    for pos, rec in enumerate(records):
-        name = _record_name("annotation", rec, pos)
-        if not isinstance(rec, dict):
-            raise check.fail(name, "", f"must be a JSON object, got {_short(rec)}.",
-                             "write the annotation as an object")
-        aid = check.integer(rec, "id", name)
-        if aid in seen:
-            raise check.fail(name, "id", f"duplicate annotation id {aid}.", "give every annotation a unique id")
-        seen.add(aid)
+    for name, rec, aid in _records(check, records, "annotation"):
         iid = check.integer(rec, "image_id", name)
         if iid not in images:
             raise check.fail(name, "image_id", f"unknown image id {iid} (not in 'images').",
