@@ -11,7 +11,7 @@ import dataclasses
 import json
 import sys
 import typing
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 from cape_ray.config import ConfigError, TrainConfig
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from pathlib import Path
 from typing import Optional
 
 import pyarrow.fs as pafs
@@ -24,11 +23,6 @@ def resolve(uri_or_path: str) -> tuple[pafs.FileSystem, str]:
     if "://" not in uri_or_path:
         uri_or_path = os.path.abspath(uri_or_path)
     return pafs.FileSystem.from_uri(uri_or_path)
-
-
-def run_path(storage_path: str, name: str) -> tuple[pafs.FileSystem, str]:
-    fs, base = resolve(storage_path)
-    return fs, f"{base.rstrip('/')}/{name}"
 
 
 def list_dirs(fs: pafs.FileSystem, path: str, prefix: str = "checkpoint_") -> list[str]:
@@ -89,7 +83,3 @@ def newest_valid_before(fs: pafs.FileSystem, run_dir: str, limit_name: str) -> O
             return name
         log.warning("checkpoint %s/%s does not verify either; skipping it", run_dir, name)
     return None
-
-
-def local_path(path: str) -> Optional[Path]:
-    return Path(path) if "://" not in path else None
