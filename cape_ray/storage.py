@@ -25,6 +25,12 @@ def resolve(uri_or_path: str) -> tuple[pafs.FileSystem, str]:
     return pafs.FileSystem.from_uri(uri_or_path)
 
 
+def run_path(storage_path: str, name: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path) of the run directory `{storage_path}/{name}`."""
+    fs, base = resolve(storage_path)
+    return fs, f"{base.rstrip('/')}/{name}"
+
+
 def list_dirs(fs: pafs.FileSystem, path: str, prefix: str = "checkpoint_") -> list[str]:
     """Names of the subdirectories of `path` starting with `prefix` (empty if `path` is absent)."""
     infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
