@@ -138,8 +138,12 @@ class TrainConfig:
         return self.steps_per_epoch_at(1)
 
     def steps_per_epoch_at(self, world_size: int) -> int:
+        """Optimizer steps per epoch: each consumes batch_size x accumulation_steps x world_size episodes."""
         episodes_per_step = self.batch_size * self.accumulation_steps * world_size
-        return max(1, self.episodes_per_epoch // episodes_per_step)
+        if self.episodes_per_epoch < episodes_per_step:
+            raise ConfigError(f"--episodes_per_epoch {self.episodes_per_epoch} is smaller than one optimizer "
+                              f"step ({episodes_per_step} episodes: batch x accumulation x workers)")
+        return self.episodes_per_epoch // episodes_per_step
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:

@@ -280,11 +280,11 @@ class Progress:
         remaining = (self.config.epochs - metrics["epoch"]) * (sum(self.epoch_times) / len(self.epoch_times))
         speed = steps / train_seconds if train_seconds > 0 else float("nan")
         say(f"epoch {metrics['epoch']:3d}/{self.config.epochs}  {steps} steps  "
-              f"train_loss {metrics['train_loss']:.4f}  val_loss {metrics['val_loss']:.4f}  "
-              f"val_pck {metrics['val_pck']:.4f}  lr {metrics['lr']:.2e}  {speed:.1f} steps/s  "
-              f"{epoch_seconds:.1f}s  ETA {_duration(remaining)}  -> {name}"
-              + ("  [best pck]" if flags["is_best_pck"] else "")
-              + ("  [best loss]" if flags["is_best_loss"] else ""))
+            f"train_loss {metrics['train_loss']:.4f}  val_loss {metrics['val_loss']:.4f}  "
+            f"val_pck {metrics['val_pck']:.4f}  lr {metrics['lr']:.2e}  {speed:.1f} steps/s  "
+            f"{epoch_seconds:.1f}s  ETA {_duration(remaining)}  -> {name}"
+            + ("  [best pck]" if flags["is_best_pck"] else "")
+            + ("  [best loss]" if flags["is_best_loss"] else ""))
 
 
 def _duration(seconds: float) -> str:
@@ -318,10 +318,7 @@ def train_loop_per_worker(config_dict: dict[str, Any]) -> None:
         accumulation, layout_note = plan_accumulation(config, world_size, state)
         config = config.replace(accumulation_steps=accumulation)
         episodes_per_step = config.batch_size * accumulation * world_size
-        steps_per_epoch = config.episodes_per_epoch // episodes_per_step
-        if steps_per_epoch < 1:
-            raise ValueError(f"--episodes_per_epoch {config.episodes_per_epoch} is smaller than one optimizer "
-                             f"step ({episodes_per_step} episodes: batch x accumulation x workers)")
+        steps_per_epoch = config.steps_per_epoch_at(world_size)
         if restored is not None:
             ckpt.check_compatible(state, config, restored.checkpoint.path)
             ckpt.check_model_shapes(restored.checkpoint.model, model.state_dict(), restored.checkpoint.path)
@@ -371,7 +368,7 @@ def train_loop_per_worker(config_dict: dict[str, Any]) -> None:
         removed, stray = clean_orphans(registered, restored_at)
         if removed:
             say(f"removed {len(removed)} orphaned checkpoint dir(s) that Ray never registered "
-                  f"(a report lost in a crash; redone now): {', '.join(removed)}")
+                f"(a report lost in a crash; redone now): {', '.join(removed)}")
         if stray:
             log.warning("WARNING: %d checkpoint dir(s) in the run directory are not registered with Ray "
                         "and are not used: %s", len(stray), ", ".join(stray))
@@ -379,7 +376,7 @@ def train_loop_per_worker(config_dict: dict[str, Any]) -> None:
     if tracking.early_stopping.should_stop:
         if rank == 0:
             say(f"early stopping already triggered at epoch {tracking.early_stopping.stopped_epoch}; "
-                  f"nothing to train")
+                f"nothing to train")
         return
 
     seconds = {"train": 0.0, "checkpoint": 0.0}  # this attempt's totals, for the overhead benchmark
@@ -447,7 +444,7 @@ def train_loop_per_worker(config_dict: dict[str, Any]) -> None:
                 if notice is not None and not preemption_saved and mid_epoch:
                     if rank == 0:
                         say(f"preemption notice for ranks {notice.preempted_ranks} (deadline "
-                              f"{notice.deadline_ms} ms): writing a just-in-time checkpoint")
+                            f"{notice.deadline_ms} ms): writing a just-in-time checkpoint")
                     report_mid_epoch(epoch, "preemption")
                 preemption_saved = preemption_saved or notice is not None
         seconds["train"] += epoch_train_seconds
@@ -481,5 +478,5 @@ def train_loop_per_worker(config_dict: dict[str, Any]) -> None:
         if flags["stop"]:
             if rank == 0:
                 say(f"early stopping at epoch {epoch + 1}: no val_pck improvement > "
-                      f"{config.early_stopping_min_delta} for {config.early_stopping_patience} epochs")
+                    f"{config.early_stopping_min_delta} for {config.early_stopping_patience} epochs")
             break
