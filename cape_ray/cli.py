@@ -44,10 +44,15 @@ def _field_type(f: dataclasses.Field) -> type:
     return args[0] if args else hint
 
 
+def _both(name: str) -> list[str]:
+    """--flag_name and --flag-name."""
+    return [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+
+
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(TrainConfig):
         kind = _field_type(f)
-        names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
+        names = _both(f.name)
         help_text = HELP.get(f.name, "") + f" (default: {f.default})"
         if kind is bool:
             parser.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction,
@@ -136,11 +141,6 @@ def cmd_make_data(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
                      canvas=args.canvas, split=args.split)
     print(f"wrote MP-100-format data to {args.out} (annotations/mp100_split{args.split}_*.json, images/)")
     return 0
-
-
-def _both(name: str) -> list[str]:
-    """--flag_name and --flag-name."""
-    return [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
 
 
 def _add_data_flags(parser: argparse.ArgumentParser) -> None:
