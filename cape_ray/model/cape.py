@@ -21,36 +21,76 @@ import torch.nn.functional as F
 from cape_ray.model.backbone import build_backbone
 
 
+def cell_and_offset(points: torch.Tensor, height: int, width: int):
+    """Normalised points [..., 2] -> (x0, y0) the cell at or left/above each point (int64), and
+    (wx, wy) the point's offset from that cell's centre in cells, in [0, 1)."""
+    x = points[..., 0] * width - 0.5  # pixel-centre convention, as grid_sample's align_corners=False
+    y = points[..., 1] * height - 0.5
+    x0, y0 = x.detach().floor(), y.detach().floor()
+    return x0.long(), y0.long(), x - x0, y - y0
+
+
+def cell_patches(features: torch.Tensor, x0: torch.Tensor, y0: torch.Tensor, start: int, size: int) -> torch.Tensor:
+    """Feature vectors of the size x size cells from (x0 + start, y0 + start): features [N, D, H, W],
+    x0 / y0 [N, P] -> [N, P, size, size, D]. Cells beyond the map are clipped to its border, which
+    gives grid_sample's border padding (values and gradients) once interpolated. Whole vectors are
+    selected (index_select: deterministic backward under torch.use_deterministic_algorithms, unlike
+    grid_sample's), so a channels-last `features` (see `channels_last`) is read without a copy."""
+    n, dim, height, width = features.shape
+    steps = torch.arange(start, start + size, device=x0.device)
+    xs = (x0.unsqueeze(-1) + steps).clamp(0, width - 1)  # [N, P, size]
+    ys = (y0.unsqueeze(-1) + steps).clamp(0, height - 1)
+    cells = ys.unsqueeze(-1) * width + xs.unsqueeze(-2)  # [N, P, size, size], row-major (y, x)
+    cells = cells + (torch.arange(n, device=cells.device) * (height * width)).view(n, 1, 1, 1)
+    table = features.permute(0, 2, 3, 1).reshape(n * height * width, dim)  # a view when channels-last
+    return table.index_select(0, cells.flatten()).view(*cells.shape, dim)
+
+
+def interpolate(values: torch.Tensor, wx: torch.Tensor, wy: torch.Tensor) -> torch.Tensor:
+    """Bilinear interpolation between neighbouring cells: values [N, P, S, S, ...] at whole cells,
+    offsets wx / wy [N, P] -> [N, P, S-1, S-1, ...] at the offset from every cell."""
+    shape = wx.shape + (1, 1) + (1,) * (values.dim() - 4)
+    wx, wy = wx.reshape(shape).to(values.dtype), wy.reshape(shape).to(values.dtype)
+    top = values[:, :, :-1, :-1] * (1 - wx) + values[:, :, :-1, 1:] * wx
+    bottom = values[:, :, 1:, :-1] * (1 - wx) + values[:, :, 1:, 1:] * wx
+    return top * (1 - wy) + bottom * wy
+
+
 def sample_features(features: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
-    """Bilinear features at normalised points: features [N, D, H, W], points [N, P, 2] -> [N, P, D]."""
-    grid = (points * 2 - 1).unsqueeze(2)  # [N, P, 1, 2] in grid_sample's [-1, 1]
-    sampled = F.grid_sample(features, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    return sampled.squeeze(3).transpose(1, 2)
+    """Bilinear features at normalised points: features [N, D, H, W], points [N, P, 2] -> [N, P, D].
+
+    The same values as `grid_sample(mode="bilinear", padding_mode="border", align_corners=False)`,
+    with a backward that is deterministic on CUDA (see cell_patches).
+    """
+    height, width = features.shape[-2:]
+    x0, y0, wx, wy = cell_and_offset(points, height, width)
+    return interpolate(cell_patches(features, x0, y0, 0, 2), wx, wy)[:, :, 0, 0]
 
 
-def cell_centres(height: int, width: int, device: torch.device) -> torch.Tensor:
-    """[H*W, 2] normalised (x, y) of every feature cell's centre, row-major."""
-    ys = (torch.arange(height, device=device, dtype=torch.float32) + 0.5) / height
-    xs = (torch.arange(width, device=device, dtype=torch.float32) + 0.5) / width
-    grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
-    return torch.stack([grid_x.reshape(-1), grid_y.reshape(-1)], dim=-1)
+def channels_last(features: torch.Tensor) -> torch.Tensor:
+    """[N, D, H, W] with D fastest in memory: what `sample_features` reads without a copy."""
+    return features.contiguous(memory_format=torch.channels_last)
 
 
 def local_soft_argmax(logits: torch.Tensor, radius: int) -> torch.Tensor:
     """Soft-argmax restricted to a (2r+1)^2 window around the peak: logits [..., H, W] -> [..., 2].
 
     A global soft-argmax is pulled towards the centre by every other similar part; the window keeps
-    the estimate on the best match while staying differentiable inside it.
+    the estimate on the best match while staying differentiable inside it. Only the window's
+    logits are gathered (cells beyond the map get no weight).
     """
     height, width = logits.shape[-2:]
     flat = logits.flatten(-2)
     peak = flat.argmax(dim=-1, keepdim=True)
-    peak_y, peak_x = peak // width, peak % width
-    cell_y = torch.arange(height, device=logits.device).repeat_interleave(width)
-    cell_x = torch.arange(width, device=logits.device).repeat(height)
-    window = ((cell_y - peak_y).abs() <= radius) & ((cell_x - peak_x).abs() <= radius)
-    prob = flat.masked_fill(~window, float("-inf")).softmax(dim=-1)
-    return prob @ cell_centres(height, width, logits.device).to(prob.dtype)
+    steps = torch.arange(-radius, radius + 1, device=logits.device)
+    ys, xs = peak // width + steps, peak % width + steps  # [..., 2r+1] rows and columns of the window
+    inside = ((ys >= 0) & (ys < height)).unsqueeze(-1) & ((xs >= 0) & (xs < width)).unsqueeze(-2)
+    cells = ys.clamp(0, height - 1).unsqueeze(-1) * width + xs.clamp(0, width - 1).unsqueeze(-2)
+    window = flat.gather(-1, cells.flatten(-2)).masked_fill(~inside.flatten(-2), float("-inf"))
+    prob = window.softmax(dim=-1).view(cells.shape)  # [..., 2r+1, 2r+1]
+    x = (prob.sum(dim=-2) * (xs + 0.5).to(prob.dtype)).sum(dim=-1) / width
+    y = (prob.sum(dim=-1) * (ys + 0.5).to(prob.dtype)).sum(dim=-1) / height
+    return torch.stack([x, y], dim=-1)
 
 
 def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
@@ -116,6 +156,8 @@ class RefinementLayer(nn.Module):
         self.attn = KeypointSelfAttention(dim, heads, dropout)
         self.graph_norm = nn.LayerNorm(dim) if use_skeleton else None
         self.graph = SkeletonGraphConv(dim) if use_skeleton else None
+        if window % 2 != 1:
+            raise ValueError(f"the refinement window must be odd (centred on the estimate), got {window}")
         self.window = window
         self.look = nn.Linear(window * window + dim, dim)
         self.ffn_norm = nn.LayerNorm(dim)
@@ -129,21 +171,21 @@ class RefinementLayer(nn.Module):
     def forward(self, tokens, estimate, support_tokens, query_features, scale, key_mask, adjacency):
         """tokens [N, K, D]; estimate [N, K, 2] (detached); support_tokens [N, K, D] unit norm;
         query_features [N, D, H, W] unit norm -> (tokens, new estimate)."""
-        n, k, dim = tokens.shape
         height, width = query_features.shape[-2:]
         h = tokens + self.position(estimate)
         h = h + self.dropout(self.attn(self.attn_norm(h), key_mask))
         if self.graph is not None:
             h = h + self.dropout(self.graph(self.graph_norm(h), adjacency, key_mask))
 
-        # similarity of the support token to the query on a window of cells around the estimate
-        steps = torch.arange(self.window, device=tokens.device, dtype=tokens.dtype) - (self.window - 1) / 2
-        offset_y, offset_x = torch.meshgrid(steps / height, steps / width, indexing="ij")
-        offsets = torch.stack([offset_x.reshape(-1), offset_y.reshape(-1)], dim=-1)  # [P, 2]
-        points = estimate.unsqueeze(2) + offsets  # [N, K, P, 2]
-        around = sample_features(query_features, points.view(n, -1, 2)).view(n, k, -1, dim)
-        similarity = scale * (around * support_tokens.unsqueeze(2)).sum(dim=-1)  # [N, K, P]
-        centre = around[:, :, around.shape[2] // 2]
+        # similarity of the support token to the query on a window of cells around the estimate.
+        # The window's points are whole cells apart, so they share the estimate's sub-cell offset:
+        # interpolating the similarity of a (window + 1)^2 patch of cells gives all of them.
+        x0, y0, wx, wy = cell_and_offset(estimate, height, width)
+        radius = self.window // 2
+        patch = cell_patches(query_features, x0, y0, -radius, self.window + 1)  # [N, K, W+1, W+1, D]
+        cell_similarity = (patch * support_tokens[:, :, None, None, :]).sum(dim=-1)
+        similarity = scale * interpolate(cell_similarity, wx, wy).flatten(2)  # [N, K, W*W] row-major (y, x)
+        centre = interpolate(patch[:, :, radius:radius + 2, radius:radius + 2], wx, wy)[:, :, 0, 0]
         h = h + self.look(torch.cat([similarity.softmax(dim=-1) * self.window, centre], dim=-1))
 
         h = h + self.ffn(self.ffn_norm(h))
@@ -172,21 +214,38 @@ class CapeModel(nn.Module):
     def scale(self) -> torch.Tensor:
         return self.log_scale.clamp(max=math.log(100.0)).exp()
 
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images [N, 3, H, W] in [0, 1] -> unit-norm features [N, D, h, w].
+
+        One image's features never depend on another image of the batch (GroupNorm), so evaluation
+        can encode each instance once and reuse its features in every episode that shows it.
+        """
+        return F.normalize(self.backbone(images), dim=1)
+
     def forward(self, support_images: torch.Tensor, support_keypoints: torch.Tensor,
                 support_visible: torch.Tensor, query_images: torch.Tensor, keypoint_mask: torch.Tensor,
                 skeleton: torch.Tensor, return_similarity: bool = False):
-        """-> coordinates [L, B, Q, K, 2] (proposal first, final last); with `return_similarity`
-        also the similarity logits [B, Q, K, h, w] over the query feature map."""
+        """decode(encode(images)); supports and queries go through the backbone in one call."""
         batch, shots = support_images.shape[:2]
         queries = query_images.shape[1]
+        features = self.encode(torch.cat([support_images.flatten(0, 1), query_images.flatten(0, 1)]))
+        support_features, query_features = features.split([batch * shots, batch * queries])
+        return self.decode(support_features.unflatten(0, (batch, shots)), support_keypoints, support_visible,
+                           query_features.unflatten(0, (batch, queries)), keypoint_mask, skeleton,
+                           return_similarity=return_similarity)
+
+    def decode(self, support_features: torch.Tensor, support_keypoints: torch.Tensor,
+               support_visible: torch.Tensor, query_features: torch.Tensor, keypoint_mask: torch.Tensor,
+               skeleton: torch.Tensor, return_similarity: bool = False):
+        """Encoded supports [B, S, D, h, w] and queries [B, Q, D, h, w] (from `encode`) ->
+        coordinates [L, B, Q, K, 2] (proposal first, final last); with `return_similarity` also the
+        similarity logits [B, Q, K, h, w] over the query feature map."""
+        batch, shots = support_features.shape[:2]
+        queries = query_features.shape[1]
         num_keypoints = support_keypoints.shape[2]
 
-        features = self.backbone(torch.cat([support_images.flatten(0, 1), query_images.flatten(0, 1)]))
-        features = F.normalize(features, dim=1)
-        support_features, query_features = features.split([batch * shots, batch * queries])
-
         # one token per keypoint: mean over the shots where it is visible (all shots if none is)
-        sampled = sample_features(support_features, support_keypoints.flatten(0, 1))
+        sampled = sample_features(channels_last(support_features.flatten(0, 1)), support_keypoints.flatten(0, 1))
         sampled = sampled.view(batch, shots, num_keypoints, -1)
         weights = support_visible.to(sampled.dtype)
         weights = torch.where(weights.sum(dim=1, keepdim=True) > 0, weights, torch.ones_like(weights))
@@ -195,8 +254,6 @@ class CapeModel(nn.Module):
         support_position = (support_keypoints * weights).sum(dim=1)  # [B, K, 2]
         unit_tokens = F.normalize(token_features, dim=-1)
 
-        height, width = query_features.shape[-2:]
-        query_features = query_features.view(batch, queries, -1, height, width)
         scale = self.scale
         logits = scale * torch.einsum("bkd,bqdhw->bqkhw", unit_tokens, query_features)
         estimate = local_soft_argmax(logits, self.proposal_radius)  # [B, Q, K, 2]
@@ -210,7 +267,7 @@ class CapeModel(nn.Module):
             pair_unit_tokens = per_pair(unit_tokens)
             key_mask = per_pair(keypoint_mask)
             adjacency = per_pair(skeleton.to(tokens.dtype))
-            flat_features = query_features.flatten(0, 1)
+            flat_features = channels_last(query_features.flatten(0, 1))  # sampled by every layer
             current = estimate.flatten(0, 1)
             for layer in self.layers:
                 # detached between layers: each layer learns its own correction (as in CapeFormer)
