@@ -30,26 +30,19 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from cape_ray import engine, evaluate  # noqa: E402
 from cape_ray.config import TrainConfig  # noqa: E402
-from cape_ray.data.episodes import Episode, EpisodeSampler, collate  # noqa: E402
+from cape_ray.data.episodes import Episode, EpisodeSampler  # noqa: E402
 from cape_ray.data.loading import load_split  # noqa: E402
 from cape_ray.model import build_model  # noqa: E402
 
 
 def pair_by_pair(model, split, episodes) -> dict[str, float]:
-    """One forward per (support set, single query): the reference evaluation."""
-    sums: dict[str, float] = {}
-    for episode in episodes:
-        for query in episode.query_rows:
-            pair = Episode(episode.category_id, episode.support_rows, query.reshape(1))
-            engine.add_sums(sums, evaluate.batch_sums(model, collate(split, [pair]), with_loss=False))
-    return sums
+    """One forward per (support set, single query), every image encoded again: the reference evaluation."""
+    pairs = [Episode(e.category_id, e.support_rows, query.reshape(1)) for e in episodes for query in e.query_rows]
+    return engine.total_sums(engine.evaluate_episodes(model, split, pairs, 1, feature_bank=False))
 
 
-def total(sums_by_category: dict[int, dict[str, float]]) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for sums in sums_by_category.values():
-        engine.add_sums(out, {k: v for k, v in sums.items() if k != "episodes"})
-    return out
+def batched(model, split, episodes, batch_size: int, bank: bool) -> dict[str, float]:
+    return engine.total_sums(engine.evaluate_episodes(model, split, episodes, batch_size, feature_bank=bank))
 
 
 def timed(fn):
@@ -111,17 +104,15 @@ def main() -> None:
           f"{args.rounds} rounds")
 
     # warm-up: first calls allocate and pick kernels
-    evaluate.evaluate_episodes(model, split, episodes[:2], args.batch_size, feature_cache=False)
+    batched(model, split, episodes[:2], args.batch_size, bank=False)
     pair_by_pair(model, split, episodes[:1])
 
     names = ("reference (1 pair per forward)", f"batched ({args.batch_size} episodes per forward)",
              f"batched + feature bank ({args.batch_size} episodes per forward)")
     paths = (
         (reference_episodes, lambda: pair_by_pair(model, split, reference_episodes)),
-        (episodes, lambda: total(evaluate.evaluate_episodes(model, split, episodes, args.batch_size,
-                                                            feature_cache=False))),
-        (episodes, lambda: total(evaluate.evaluate_episodes(model, split, episodes, args.batch_size,
-                                                            feature_cache=True))),
+        (episodes, lambda: batched(model, split, episodes, args.batch_size, bank=False)),
+        (episodes, lambda: batched(model, split, episodes, args.batch_size, bank=True)),
     )
     wall_rates: dict[str, list[float]] = {n: [] for n in names}
     cpu_rates: dict[str, list[float]] = {n: [] for n in names}
@@ -131,7 +122,7 @@ def main() -> None:
             results[name], wall, cpu = timed(fn)
             wall_rates[name].append(len(subset) / wall)
             cpu_rates[name].append(len(subset) / cpu)
-    bank_subset = total(evaluate.evaluate_episodes(model, split, reference_episodes, args.batch_size))
+    bank_subset = batched(model, split, reference_episodes, args.batch_size, bank=True)
 
     print(f"\n  {'path':<58} {'wall clock':>20} {'CPU time':>20}")
     base_wall, base_cpu = median(wall_rates[names[0]]), median(cpu_rates[names[0]])

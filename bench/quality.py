@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from cape_ray import engine  # noqa: E402
 from cape_ray.config import TrainConfig  # noqa: E402
-from cape_ray.data.episodes import EpisodeSampler, collate  # noqa: E402
+from cape_ray.data.episodes import EpisodeSampler, TrainingBatches, collate  # noqa: E402
 from cape_ray.data.loading import load_split  # noqa: E402
 from cape_ray.model import build_model  # noqa: E402
 
@@ -45,12 +45,10 @@ def parse_overrides(pairs: list[str]) -> dict:
     return changes
 
 
-def evaluate(model: torch.nn.Module, split, episodes, batch_episodes: int = 32) -> dict[str, float]:
-    sums: dict[str, float] = {}
-    for start in range(0, len(episodes), batch_episodes):
-        batch = collate(split, episodes[start:start + batch_episodes])
-        engine.add_sums(sums, engine.evaluation_sums(model, batch))
-    return engine.summarize(sums)
+def evaluate(model: torch.nn.Module, split, episodes, batch_episodes: int = 4) -> dict[str, float]:
+    """The evaluation loop of validation and `cape-ray evaluate` (feature bank, per-category batches)."""
+    return engine.summarize(engine.total_sums(engine.evaluate_episodes(model, split, episodes, batch_episodes,
+                                                                        with_loss=True)))
 
 
 def evaluate_baseline(predict, split, episodes, batch_episodes: int = 64) -> dict[str, float]:
@@ -94,25 +92,25 @@ def main() -> None:
     test = load_split(config, "test", config.val_queries_per_episode)
     print(f"data: {len(train)} train / {len(val)} val / {len(test)} test instances, "
           f"prepared in {time.perf_counter() - started:.1f}s")
-    sampler = EpisodeSampler(train, config.num_shots, config.num_queries_per_episode, seed=config.seed)
     val_episodes = EpisodeSampler(val, config.num_shots, config.val_queries_per_episode,
                                   seed=config.data_seed).fixed_episodes(args.val_episodes)
     test_episodes = EpisodeSampler(test, config.num_shots, config.val_queries_per_episode,
                                    seed=config.data_seed).fixed_episodes(args.test_episodes or config.val_episodes)
 
-    def training_batch(step: int):
+    batches = TrainingBatches(train, config, 0, 1, torch.device("cpu"))
+    episodes_per_step = config.batch_size * config.accumulation_steps
+
+    def training_batches(step: int):
         epoch, position = divmod(step, config.steps_per_epoch)
-        first = position * config.batch_size
-        episodes = sampler.train_episodes(epoch, range(first, first + config.batch_size))
-        return collate(train, episodes, augment=config.augment)
+        return batches.step(epoch, position * episodes_per_step)
 
     # data throughput on its own: building augmented training batches (after one warm-up batch)
-    training_batch(10_000)
+    training_batches(10_000)
     data_started = time.perf_counter()
-    data_batches = 20
-    for step in range(data_batches):
-        training_batch(10_001 + step)
-    data_rate = data_batches * config.batch_size / (time.perf_counter() - data_started)
+    data_steps = 20
+    for step in range(data_steps):
+        training_batches(10_001 + step)
+    data_rate = data_steps * episodes_per_step / (time.perf_counter() - data_started)
 
     model = build_model(config)
     optimizer = engine.build_optimizer(model, config)
@@ -126,21 +124,14 @@ def main() -> None:
     def train_step(step: int, scheduler=None) -> float:
         nonlocal step_seconds, data_seconds
         t0 = time.perf_counter()
-        batch = training_batch(step)
+        micro_batches = training_batches(step)
         t1 = time.perf_counter()
         model.train()
-        loss, _ = engine.compute_loss(model, batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if config.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
+        losses = engine.train_step(model, optimizer, scheduler, micro_batches, config.grad_clip)
         t2 = time.perf_counter()
         data_seconds += t1 - t0
         step_seconds += t2 - t1
-        return loss.item()
+        return float(losses.mean())
 
     # The LR schedule needs its length in steps, the budget is in seconds: plan from measured speed
     # and re-plan at every validation (the machine may be shared, so speed drifts).
@@ -196,7 +187,7 @@ def main() -> None:
         step += 1
     validate(step)
     train_seconds = time.perf_counter() - train_started
-    episodes_trained = step * config.batch_size
+    episodes_trained = step * episodes_per_step
     train_rate = episodes_trained / step_seconds
 
     model.load_state_dict(best_state)

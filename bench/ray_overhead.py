@@ -27,31 +27,31 @@ import ray  # noqa: E402
 import torch  # noqa: E402
 from ray import cloudpickle  # noqa: E402
 
-from cape_ray import checkpoint as ckpt, engine, rng, worker  # noqa: E402
+from cape_ray import checkpoint as ckpt, engine, rng  # noqa: E402
 from cape_ray.config import TrainConfig  # noqa: E402
-from cape_ray.data.episodes import EpisodeSampler  # noqa: E402
+from cape_ray.data.episodes import TrainingBatches  # noqa: E402
 from cape_ray.data.loading import load_split  # noqa: E402
 from cape_ray.job import build_trainer  # noqa: E402
 from cape_ray.model.cape import build_model  # noqa: E402
+from cape_ray.state import TrainState  # noqa: E402
 
 
 def plain_loop_steps_per_second(config: TrainConfig, steps: int, warmup: int = 5) -> float:
-    """The worker's own optimizer_step, in this process, without Ray."""
+    """The worker's own batches and optimizer step (engine.train_step), in this process, without Ray."""
     torch.set_num_threads(config.num_threads)
     split = load_split(config, "train", config.num_queries_per_episode)
-    sampler = EpisodeSampler(split, config.num_shots, config.num_queries_per_episode, seed=config.seed)
+    batches = TrainingBatches(split, config, 0, 1, torch.device("cpu"))
     rng.seed_everything(config.seed)
     model = build_model(config)
     optimizer = engine.build_optimizer(model, config)
     scheduler = engine.build_scheduler(optimizer, config, config.steps_per_epoch * config.epochs)
     model.train()
-    per_epoch = config.steps_per_epoch
+    per_epoch, episodes_per_step = config.steps_per_epoch, config.batch_size * config.accumulation_steps
     elapsed = 0.0
     for i in range(warmup + steps):
         start = time.perf_counter()
-        worker.optimizer_step(model, optimizer, scheduler, sampler, split, config, i // per_epoch,
-                              (i % per_epoch) * config.batch_size * config.accumulation_steps, 0, 1,
-                              torch.device("cpu"))
+        engine.train_step(model, optimizer, scheduler, batches.step(i // per_epoch, (i % per_epoch) * episodes_per_step),
+                          config.grad_clip)
         if i >= warmup:
             elapsed += time.perf_counter() - start
     return steps / elapsed
@@ -64,9 +64,8 @@ def checkpoint_write_ratio(config: TrainConfig, repeats: int = 7) -> tuple[float
     scheduler = engine.build_scheduler(optimizer, config, 100)
     model(*_dummy_inputs(config)).sum().backward()
     optimizer.step()  # materialise the Adam moments
-    rank_blob = ckpt.serialize({"rng": rng.capture(), "loss_sum": 0.0, "loss_count": 0})
-    state = {"config": config.to_dict(), "position": {"epoch": 0, "step": 0, "global_step": 0, "history": []},
-             "tracking": {}, "world_size": 1, "metrics": {}}
+    rank_blob = ckpt.serialize({**rng.capture(), "loss_sum": 0.0, "loss_count": 0})
+    state = TrainState.fresh(config, 1).state_dict()
     raw_times, checkpoint_times = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(repeats):
@@ -97,7 +96,7 @@ def kill_once_then_train(loop_config: dict) -> None:
     plan = loop_config.pop("_kill_plan")
     from cape_ray import worker as worker_module
 
-    step_fn = worker_module.optimizer_step
+    step_fn = engine.train_step
     first_attempt = not os.path.exists(plan["marker"])
     steps_done = 0
 
@@ -112,7 +111,7 @@ def kill_once_then_train(loop_config: dict) -> None:
             Path(plan["restart"]).write_text(json.dumps({"first_step_at": time.time()}))
         return result
 
-    worker_module.optimizer_step = timed_step
+    engine.train_step = timed_step
     if not first_attempt:
         restored = ray.train.get_checkpoint()  # read now: retention may delete it later
         with restored.as_directory() as local:
@@ -169,7 +168,7 @@ def main() -> None:
     print()
     print(f"{'measure':58s} {'value':>14s}  goal")
     print(f"{'Ray job (1 worker) steps/s incl. checkpoint stalls':58s} {ray_rate:14.2f}")
-    print(f"{'plain loop steps/s (same optimizer_step, no Ray)':58s} {plain_rate:14.2f}")
+    print(f"{'plain loop steps/s (same train_step, no Ray)':58s} {plain_rate:14.2f}")
     print(f"{'  ratio Ray / plain':58s} {ray_rate / plain_rate:13.3f}x  >= 0.95x")
     print(f"{'share of training time spent checkpointing':58s} {100 * ray_ckpt_s / (ray_train_s + ray_ckpt_s):13.2f}%  <= 2%")
     print(f"{'checkpoint write MB/s (manifest + SHA-256 included)':58s} {ck_mbs:14.1f}")

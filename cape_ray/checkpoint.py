@@ -2,9 +2,11 @@
 
 A checkpoint is a directory:
     model.pt  optimizer.pt  scheduler.pt   tensors and primitives only (torch.save of state_dicts)
-    state.json                             schema version, config, position, tracking, history, ...
-    rng/rank_00000.pt ...                  one per rank: its python, numpy, torch, CUDA generators
-                                           and its running train-loss sum of the epoch
+    state.json                             schema version, config, position, tracking, history, ...;
+                                           the original pipeline's epoch, best_val_loss, best_pck and
+                                           epochs_without_improvement at its top level
+    rng/rank_00000.pt ...                  one per rank: rng_state, cuda_rng_state, np_rng_state,
+                                           py_rng_state and its running train-loss sum of the epoch
     manifest.json                          size + SHA-256 of every other file, written LAST
 
 A checkpoint is valid only if its manifest verifies. Every load uses `weights_only=True`.
@@ -26,8 +28,9 @@ from typing import Any, Optional
 import torch
 
 from cape_ray.config import MODEL_FIELDS, TrainConfig
+from cape_ray.tracking import export_kind
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MANIFEST = "manifest.json"
 STATE = "state.json"
 TENSOR_FILES = ("model.pt", "optimizer.pt", "scheduler.pt")
@@ -44,8 +47,9 @@ class DiskSpaceError(OSError):
 
 # ----------------------------------------------------------------------------- names
 def format_lr(lr: float) -> str:
-    """1e-4 -> '1e-4', 2.5e-4 -> '2.5e-4' (the original pipeline's spelling)."""
-    mantissa, exponent = f"{lr:.1e}".split("e")
+    """1e-4 -> '1e-4', 2.5e-4 -> '2.5e-4', 1.25e-4 -> '1.25e-4' (the original pipeline's spelling;
+    up to 6 significant digits, so two learning rates that differ get different names)."""
+    mantissa, exponent = f"{lr:.5e}".split("e")
     mantissa = mantissa.rstrip("0").rstrip(".")
     return f"{mantissa}e{int(exponent)}"
 
@@ -59,15 +63,26 @@ def checkpoint_name(config: TrainConfig, epoch: int, step_in_epoch: Optional[int
     return name
 
 
-def best_export_name(kind: str, epoch: int, val_pck: float, val_loss: float) -> str:
-    if kind == "pck":
-        return f"checkpoint_best_pck_e{epoch:03d}_pck{val_pck:.4f}_valloss{val_loss:.4f}"
-    if kind == "loss":
-        return f"checkpoint_best_loss_e{epoch:03d}_valloss{val_loss:.4f}_pck{val_pck:.4f}"
-    raise ValueError(kind)
+def best_export_name(metric: str, epoch: int, metrics: dict[str, float]) -> str:
+    """Export name of the best checkpoint by `metric` (1-based epoch; raw values of that epoch):
+    checkpoint_best_pck_e089_pck0.8123_valloss0.1234, checkpoint_best_loss_e042_valloss0.0987_pck0.7654,
+    and for any other metric checkpoint_best_mpck_e050_mpck0.7012_pck0.8123_valloss0.1234."""
+    pck, loss = f"pck{float(metrics['val_pck']):.4f}", f"valloss{float(metrics['val_loss']):.4f}"
+    if metric == "val_pck":
+        return f"checkpoint_best_pck_e{epoch:03d}_{pck}_{loss}"
+    if metric == "val_loss":
+        return f"checkpoint_best_loss_e{epoch:03d}_{loss}_{pck}"
+    kind = export_kind(metric)
+    return f"checkpoint_best_{kind}_e{epoch:03d}_{kind}{float(metrics[metric]):.4f}_{pck}_{loss}"
 
 
-_POSITION = re.compile(r"^checkpoint_e(\d+)_.*?(?:_s(\d+))?$")
+def is_export_of(name: str, metric: str) -> bool:
+    """Whether directory `name` is a best export for `metric` (exact: 'pck' never matches 'pck_x')."""
+    return re.match(rf"^checkpoint_best_{re.escape(export_kind(metric))}_e\d+_", name) is not None
+
+
+# `_redo` marks a position redone after falling back from a damaged checkpoint of the same name.
+_POSITION = re.compile(r"^checkpoint_e(\d+)_.*?(?:_s(\d+))?(?:_redo)*$")
 
 
 def position_from_name(name: str) -> Optional[tuple[int, int]]:
@@ -122,7 +137,7 @@ def write_checkpoint(directory: str | os.PathLike, *, model: dict, optimizer: di
     """Write a complete checkpoint into `directory` (created) and return it.
 
     `rank_states` holds each rank's serialized own state: its RNG (rng.capture) and anything else
-    that differs per rank (the running train loss of the epoch).
+    that differs per rank (the running train loss of the epoch). `state` is TrainState.state_dict().
     The manifest is written last: a crash part-way leaves a directory that never verifies.
     """
     directory = Path(directory)
@@ -187,7 +202,7 @@ class LoadedCheckpoint:
     optimizer: dict
     scheduler: dict
     state: dict
-    rank_states: dict[int, dict]  # rank -> {"rng": ..., per-rank running values}
+    rank_states: dict[int, dict]  # rank -> rng.capture() fields + loss_sum, loss_count
 
     @property
     def config(self) -> TrainConfig:

@@ -113,7 +113,7 @@ def cmd_inspect(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         "problems": problems,
         "schema_version": state.get("schema_version"),
         "position": {k: position.get(k) for k in ("epoch", "step", "global_step")},
-        "epochs_in_history": len(position.get("history", [])),
+        "epochs_in_history": len(state.get("history", [])),
         "world_size": state.get("world_size"),
         "rng_ranks": rng_ranks,
         "metrics": state.get("metrics"),

@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass, fields
 from typing import Any, Optional
 
+from cape_ray.tracking import parse_best_metrics
+
 
 class ConfigError(ValueError):
     """An invalid flag value; the message is one line a user can act on."""
@@ -37,6 +39,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     early_stopping_patience: int = 0  # epochs without PCK improvement before stopping; 0 = off
     early_stopping_min_delta: float = 0.0
+    pck_smoothing: int = 1  # best-PCK selection and early stopping use the mean of the last N val_pck
+    best_metrics: str = "val_pck:max,val_loss:min"  # one best export per METRIC:min|max
     checkpoint_every_steps: int = 200  # mid-epoch checkpoints every N optimizer steps (0 = off); N steps
     # must take well over Ray's 2 s report poll interval, or reports stall training
     preemption_check_steps: int = 10  # ask Ray about node preemption every N steps (a collective)
@@ -70,7 +74,8 @@ class TrainConfig:
     num_threads: int = 1  # torch CPU threads per worker: fixed, because it changes float rounding
     max_failures: int = 3
     max_preemption_failures: int = -1  # -1 = unlimited; preemptions never use max_failures
-    keep: int = 2  # top-K checkpoints by val_pck kept by Ray, plus the latest
+    keep: int = 2  # top-K checkpoints by (smoothed) val_pck kept, plus the latest; 0 = keep every one
+    keep_every: int = 0  # also keep every N-th epoch's checkpoint (0 = off)
     progress: str = "auto"  # bar (interactive) | lines (job logs) | auto: bar when stdout is a terminal
 
     def __post_init__(self) -> None:
@@ -85,13 +90,14 @@ class TrainConfig:
         need(bool(self.name) and "/" not in self.name, "name", f"must be a non-empty name without '/', got {self.name!r}")
         need(bool(self.storage_path), "storage_path", "must not be empty")
         for flag in ("epochs", "episodes_per_epoch", "batch_size", "accumulation_steps",
-                     "num_queries_per_episode", "val_episodes", "val_queries_per_episode", "keep",
-                     "num_threads", "feature_dim"):
+                     "num_queries_per_episode", "val_episodes", "val_queries_per_episode",
+                     "num_threads", "feature_dim", "pck_smoothing"):
             value = getattr(self, flag)
             need(isinstance(value, int) and not isinstance(value, bool) and value >= 1, flag,
                  f"must be an integer >= 1, got {value!r}")
         for flag in ("warmup_steps", "early_stopping_patience", "checkpoint_every_steps",
-                     "refine_layers", "max_failures", "seed", "data_seed", "preemption_check_steps"):
+                     "refine_layers", "max_failures", "seed", "data_seed", "preemption_check_steps", "keep",
+                     "keep_every"):
             value = getattr(self, flag)
             need(isinstance(value, int) and not isinstance(value, bool) and value >= 0, flag,
                  f"must be an integer >= 0, got {value!r}")
@@ -115,6 +121,10 @@ class TrainConfig:
         need(self.backbone in ("small", "large"), "backbone", f"must be small or large, got {self.backbone!r}")
         need(self.progress in ("auto", "bar", "lines"), "progress", f"must be auto, bar or lines, got {self.progress!r}")
         self.worker_range()  # raises on a malformed --num_workers
+        try:
+            parse_best_metrics(self.best_metrics)
+        except ValueError as exc:
+            raise ConfigError(f"--best_metrics: {exc} (e.g. val_pck:max,val_loss:min,mpck:max)") from None
         if self.data_root is not None:
             need(os.path.isdir(self.data_root), "data_root", f"directory {self.data_root!r} does not exist")
 

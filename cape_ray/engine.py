@@ -1,16 +1,24 @@
-"""One training step's loss, batched evaluation, optimizer/schedule, and the two baselines.
+"""The math shared by training and evaluation: the loss, one optimizer step, the fixed-episode
+evaluation loop (with its per-instance feature bank), optimizer and schedule, and two baselines.
 
-Framework-free: the Ray worker and the quality benchmark both call these. Evaluation returns SUMS
-(loss over keypoints, PCK over pairs, counts) so that callers can add them over batches and ranks
-and divide once in `summarize`: the result does not depend on batch size or world size.
+Framework-free: the Ray worker, `cape-ray evaluate` / `show` and the benchmarks all call these.
+Evaluation returns SUMS (loss over keypoints, PCK over pairs, counts) so that callers can add them
+over batches, categories and ranks and divide once in `summarize`: the result does not depend on
+batch size or world size.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
+from typing import Callable, Iterator, Optional, Sequence
 
+import numpy as np
 import torch
 
+from cape_ray.data.episodes import Episode, collate
+from cape_ray.data.transforms import PreparedSplit
 from cape_ray.metrics import (
     PCK_THRESHOLDS,
     coordinate_l1,
@@ -20,27 +28,37 @@ from cape_ray.metrics import (
     similarity_cross_entropy,
 )
 
+log = logging.getLogger("cape_ray")
+
 # weight of the similarity-map cross-entropy next to the coordinate L1 (see similarity_cross_entropy)
 SIMILARITY_LOSS_WEIGHT = 0.1
+ENCODE_BLOCK = 64  # images per encode call when filling a feature bank
+FEATURE_BANK_BYTES = 4 << 30  # a category whose bank would be larger is evaluated without one
 
 MODEL_INPUTS = ("support_images", "support_keypoints", "support_visible", "query_images", "keypoint_mask",
                 "skeleton")
-BATCH_TENSORS = MODEL_INPUTS + ("query_keypoints", "query_visible", "query_bbox", "query_to_original")
 
 
 def batch_tensors(batch, device: torch.device) -> dict[str, torch.Tensor]:
-    """The tensors of an EpisodeBatch that the model and metrics use, on `device`."""
-    return {name: getattr(batch, name).to(device) for name in BATCH_TENSORS}
+    """The tensors of an EpisodeBatch on `device` (images only if the batch has them)."""
+    names = [n for n in ("support_images", "support_keypoints", "support_visible", "query_images",
+                         "query_keypoints", "query_visible", "keypoint_mask", "skeleton", "query_bbox",
+                         "query_to_original") if getattr(batch, n, None) is not None]
+    return {name: getattr(batch, name).to(device, non_blocking=True) for name in names}
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a DistributedDataParallel wrapper (or the model itself)."""
+    return model.module if hasattr(model, "module") else model
+
+
 # ---------------------------------------------------------------------------------------- loss
-def keypoint_losses(model: torch.nn.Module, tensors: dict[str, torch.Tensor]):
-    """-> (per-keypoint loss [B, Q, K], loss mask [B, Q, K], predictions [L, B, Q, K, 2])."""
-    coords, logits = model(*(tensors[name] for name in MODEL_INPUTS), return_similarity=True)
+def keypoint_losses(coords: torch.Tensor, logits: torch.Tensor, tensors: dict[str, torch.Tensor]):
+    """Model outputs -> (per-keypoint loss [B, Q, K], loss mask [B, Q, K])."""
     gt = tensors["query_keypoints"]
     valid = loss_valid_mask(tensors["query_visible"], tensors["support_visible"], tensors["keypoint_mask"])
     losses = coordinate_l1(coords, gt)
@@ -49,14 +67,38 @@ def keypoint_losses(model: torch.nn.Module, tensors: dict[str, torch.Tensor]):
         inside = ((gt >= 0) & (gt <= 1)).all(dim=-1)
         cross_entropy = similarity_cross_entropy(logits, gt)
         losses = losses + SIMILARITY_LOSS_WEIGHT * torch.where(inside, cross_entropy, torch.zeros_like(cross_entropy))
-    return losses, valid, coords
+    return losses, valid
 
 
 def compute_loss(model: torch.nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (scalar loss: mean over valid keypoints of the batch, predictions [L, B, Q, K, 2])."""
-    losses, valid, coords = keypoint_losses(model, batch_tensors(batch, model_device(model)))
+    tensors = batch_tensors(batch, model_device(model))
+    coords, logits = model(*(tensors[name] for name in MODEL_INPUTS), return_similarity=True)
+    losses, valid = keypoint_losses(coords, logits, tensors)
     loss = losses.masked_fill(~valid, 0.0).sum() / valid.sum().clamp(min=1)
     return loss, coords
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler,
+               micro_batches: Sequence, grad_clip: float) -> torch.Tensor:
+    """One optimizer step over `micro_batches` (gradient accumulation; a DDP model averages
+    gradients on the last micro-batch only). Returns the micro-batch losses, detached, on the model's
+    device: reading them is left to the caller, so a GPU step needs no host synchronisation."""
+    losses = []
+    for index, batch in enumerate(micro_batches):
+        last = index == len(micro_batches) - 1
+        sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            loss, _ = compute_loss(model, batch)
+            (loss / len(micro_batches)).backward()
+        losses.append(loss.detach())
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return torch.stack(losses)
 
 
 # ---------------------------------------------------------------------------------- evaluation
@@ -64,34 +106,40 @@ def pck_key(threshold: float) -> str:
     return f"pck@{threshold:.2f}"
 
 
+def output_sums(coords: torch.Tensor, logits: Optional[torch.Tensor], tensors: dict[str, torch.Tensor]
+                ) -> dict[str, float]:
+    """Sums over a batch's pairs from the model's outputs: pck@a_sum (per pair) and pairs, and with
+    `logits` also loss_sum / loss_count (per keypoint)."""
+    sums = pck_sums(coords[-1], tensors)
+    if logits is not None:
+        losses, loss_mask = keypoint_losses(coords, logits, tensors)
+        sums["loss_sum"] = float(losses.double().masked_fill(~loss_mask, 0.0).sum())
+        sums["loss_count"] = float(loss_mask.sum())
+    return sums
+
+
 @torch.no_grad()
 def evaluation_sums(model: torch.nn.Module, batch) -> dict[str, float]:
-    """Sums over the batch's pairs: loss_sum/loss_count (per keypoint), pck@a_sum (per pair) and pairs.
-    Runs in eval mode and restores the model's mode afterwards."""
+    """Loss and PCK sums of one batch through the model's forward (eval mode, restored after)."""
     was_training = model.training
     model.eval()
     try:
         tensors = batch_tensors(batch, model_device(model))
-        losses, loss_mask, coords = keypoint_losses(model, tensors)
+        coords, logits = model(*(tensors[name] for name in MODEL_INPUTS), return_similarity=True)
     finally:
         model.train(was_training)
-    sums = {
-        "loss_sum": float(losses.double().masked_fill(~loss_mask, 0.0).sum()),
-        "loss_count": float(loss_mask.sum()),
-    }
-    sums.update(pck_sums(coords[-1], tensors))
-    return sums
+    return output_sums(coords, logits, tensors)
 
 
 def add_sums(total: dict[str, float], sums: dict[str, float]) -> dict[str, float]:
-    """Accumulate one batch's evaluation_sums into `total` (in place; also returned)."""
+    """Accumulate one batch's sums into `total` (in place; also returned)."""
     for key, value in sums.items():
         total[key] = total.get(key, 0.0) + value
     return total
 
 
 def summarize(sums: dict[str, float]) -> dict[str, float]:
-    """Summed evaluation_sums (over batches and ranks) -> val_loss, pck@a per threshold, val_pck
+    """Summed evaluation sums (over batches and ranks) -> val_loss, pck@a per threshold, val_pck
     (= PCK@0.2, the MP-100 headline) and mpck (mean over the thresholds)."""
     pairs = max(sums.get("pairs", 0.0), 1.0)
     metrics = {"val_loss": sums.get("loss_sum", 0.0) / max(sums.get("loss_count", 0.0), 1.0)}
@@ -112,6 +160,141 @@ def pck_sums(predictions: torch.Tensor, tensors: dict[str, torch.Tensor]) -> dic
     for index, threshold in enumerate(PCK_THRESHOLDS):
         sums[pck_key(threshold) + "_sum"] = float(pck[:, index].double().sum())
     return sums
+
+
+class FeatureBank:
+    """`model.encode` of split rows, each computed once, looked up by row.
+
+    Fixed episodes reuse instances heavily (MP-100 test: 200 episodes x 16 images drawn from a
+    category's ~60-300 instances) and encoding is per image, so a category's instances are encoded
+    once and every episode reads their features. Rows are encoded in blocks of ENCODE_BLOCK fixed by
+    the category's row list, so a row's features never depend on which episodes asked for it.
+    """
+
+    def __init__(self, features: torch.Tensor, slot_of_row: torch.Tensor):
+        # Kept as [M, h, w, D]: looked-up features are channels-last views, which the model's
+        # sampling and similarity read without copying (see model/cape.py: channels_last).
+        self.features = features.permute(0, 2, 3, 1).contiguous()
+        self.slot_of_row = slot_of_row  # int64 [N]: split row -> index into features, -1 = absent
+
+    def lookup(self, rows: torch.Tensor) -> torch.Tensor:
+        """rows int64 [...] -> features [..., D, h, w] (channels-last strides)."""
+        slots = self.slot_of_row.index_select(0, rows.flatten())
+        return self.features.index_select(0, slots).permute(0, 3, 1, 2).unflatten(0, rows.shape)
+
+    @classmethod
+    def for_category(cls, model: torch.nn.Module, split: PreparedSplit, category_id: int,
+                     episodes: Sequence[Episode], max_bytes: int = FEATURE_BANK_BYTES) -> Optional["FeatureBank"]:
+        """A bank of every row `episodes` use; None when it would not save work (it encodes more
+        instances than the episodes hold images: few episodes per category) or exceed `max_bytes`."""
+        device = model_device(model)
+        category_rows = split.rows_by_category[category_id]
+        used = np.unique(np.concatenate([np.concatenate([e.support_rows, e.query_rows]) for e in episodes]))
+        blocks = [category_rows[b * ENCODE_BLOCK:(b + 1) * ENCODE_BLOCK]
+                  for b in np.unique(np.searchsorted(category_rows, used) // ENCODE_BLOCK)]
+        rows_needed = sum(len(block) for block in blocks)
+        if rows_needed > sum(len(e.support_rows) + len(e.query_rows) for e in episodes):
+            return None
+        parts = []
+        for block in blocks:
+            images = split.images.index_select(0, torch.from_numpy(block)).to(device)
+            parts.append(model.encode(images.float().div_(255.0)))  # as collate prepares them
+            per_row = parts[0][0].numel() * parts[0].element_size()
+            if rows_needed * per_row > max_bytes:
+                log.warning("category %d: a feature bank of %d instances would need %.1f GB; evaluating it "
+                            "without one", category_id, rows_needed, rows_needed * per_row / 1e9)
+                return None
+        rows = torch.from_numpy(np.concatenate(blocks))
+        slot_of_row = torch.full((len(split),), -1, dtype=torch.int64)
+        slot_of_row[rows] = torch.arange(len(rows))
+        return cls(torch.cat(parts), slot_of_row.to(device))
+
+
+def category_batches(episodes: Sequence[Episode], batch_size: int) -> list[list[Episode]]:
+    """Consecutive episodes in batches of at most `batch_size`, never mixing categories (so no
+    episode is padded to another category's keypoint count)."""
+    if batch_size < 1:
+        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    batches: list[list[Episode]] = []
+    for episode in episodes:
+        last = batches[-1] if batches else None
+        if last and len(last) < batch_size and last[-1].category_id == episode.category_id:
+            last.append(episode)
+        else:
+            batches.append([episode])
+    return batches
+
+
+def by_category(episodes: Sequence[Episode]) -> Iterator[tuple[int, list[Episode]]]:
+    """Runs of consecutive episodes of one category (fixed_episodes lists them category by category)."""
+    run: list[Episode] = []
+    for episode in episodes:
+        if run and run[-1].category_id != episode.category_id:
+            yield run[0].category_id, run
+            run = []
+        run.append(episode)
+    if run:
+        yield run[0].category_id, run
+
+
+@torch.inference_mode()
+def predict_batch(model: torch.nn.Module, split: PreparedSplit, episodes: Sequence[Episode],
+                  bank: Optional[FeatureBank] = None):
+    """(batch, tensors on the model's device, coords [L, B, Q, K, 2], similarity logits) for episodes
+    of one category: from the bank's features, or encoding the batch's images."""
+    batch = collate(split, episodes, images=bank is None)
+    tensors = batch_tensors(batch, model_device(model))
+    if bank is None:
+        supports, queries = tensors["support_images"], tensors["query_images"]
+        features = model.encode(torch.cat([supports.flatten(0, 1), queries.flatten(0, 1)]))
+        support_features, query_features = features.split([supports.shape[0] * supports.shape[1],
+                                                           queries.shape[0] * queries.shape[1]])
+        support_features = support_features.unflatten(0, supports.shape[:2])
+        query_features = query_features.unflatten(0, queries.shape[:2])
+    else:
+        device = bank.slot_of_row.device
+        support_features = bank.lookup(batch.support_rows.to(device))
+        query_features = bank.lookup(batch.query_rows.to(device))
+    coords, logits = model.decode(support_features, *(tensors[name] for name in ("support_keypoints",
+                                  "support_visible")), query_features, tensors["keypoint_mask"],
+                                  tensors["skeleton"], return_similarity=True)
+    return batch, tensors, coords, logits
+
+
+def evaluate_episodes(model: torch.nn.Module, split: PreparedSplit, episodes: Sequence[Episode],
+                      batch_size: int, *, feature_bank: bool = True, with_loss: bool = False,
+                      progress: Optional[Callable[[int, int, int], None]] = None) -> dict[int, dict[str, float]]:
+    """The fixed-episode evaluation loop (validation, `cape-ray evaluate`, the benchmarks): sums per
+    category (`output_sums` keys plus `episodes`). The model is put in eval mode and its mode restored.
+
+    `progress(done_categories, total_categories, category_id)` is called after each category.
+    """
+    was_training = model.training
+    model.eval()
+    runs = list(by_category(episodes))
+    sums: dict[int, dict[str, float]] = {}
+    try:
+        for done, (category_id, category_episodes) in enumerate(runs, start=1):
+            total = sums.setdefault(category_id, {"episodes": 0.0})
+            with torch.inference_mode():
+                bank = FeatureBank.for_category(model, split, category_id, category_episodes) if feature_bank else None
+            for batch_episodes in category_batches(category_episodes, batch_size):
+                _, tensors, coords, logits = predict_batch(model, split, batch_episodes, bank)
+                add_sums(total, output_sums(coords, logits if with_loss else None, tensors))
+                total["episodes"] += len(batch_episodes)
+            if progress is not None:
+                progress(done, len(runs), category_id)
+    finally:
+        model.train(was_training)
+    return sums
+
+
+def total_sums(sums_by_category: dict[int, dict[str, float]]) -> dict[str, float]:
+    """Sums over categories (without the episode counts)."""
+    total: dict[str, float] = {}
+    for sums in sums_by_category.values():
+        add_sums(total, {k: v for k, v in sums.items() if k != "episodes"})
+    return total
 
 
 # ----------------------------------------------------------------------------------- baselines

@@ -13,10 +13,11 @@ Under this protocol every category has exactly E x Q pairs, so the two agree up 
 differ only when categories are evaluated with different episode counts.
 
 Speed. Fixed episodes reuse instances heavily (200 episodes x 16 images drawn from a category's
-~60-300 instances), and the backbone is per image (GroupNorm: no image sees another), so the
-backbone runs once per instance into a feature bank and the rest of the model runs on batches of
-`batch_size` episodes whose backbone call reads from the bank. Batches never mix categories, so no
-episode is padded to another category's keypoint count.
+~60-300 instances), and `CapeModel.encode` is per image (GroupNorm: no image sees another), so each
+instance is encoded once into a feature bank and `CapeModel.decode` runs on batches of `batch_size`
+episodes that read their features from it (engine.evaluate_episodes, the loop training validates
+with too). Batches never mix categories, so no episode is padded to another category's keypoint
+count.
 
 Batch-size independence. Sums (PCK hits, pairs, loss) are added over batches and divided once; the
 feature bank is encoded in blocks fixed by the category's instance list, not by the batch. What
@@ -27,7 +28,6 @@ and the scalar tail of a tensor slightly differently (e.g. sigmoid), so a coordi
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import sys
@@ -35,15 +35,14 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Optional, Sequence
 
-import numpy as np
 import torch
 import torch.nn as nn
 
 from cape_ray import checkpoint as ckpt, engine, storage
 from cape_ray.config import ConfigError, TrainConfig
-from cape_ray.data.episodes import Episode, EpisodeSampler, collate
+from cape_ray.data.episodes import Episode, EpisodeSampler
 from cape_ray.data.loading import load_split
 from cape_ray.data.transforms import PreparedSplit
 from cape_ray.metrics import PCK_THRESHOLDS
@@ -54,8 +53,6 @@ log = logging.getLogger("cape_ray")
 SPLITS = ("test", "val", "train")
 DEFAULT_EPISODES = {"test": 200, "val": 100, "train": 100}  # per category, as MP-100
 MP100_QUERIES = 15  # queries per episode, as MP-100
-ENCODE_BLOCK = 64  # images per backbone call when filling the feature bank
-FEATURE_BANK_BYTES = 4 << 30  # a category whose bank would be larger is evaluated without one
 DEFAULT_CPU_BATCH = 4
 PCK_KEYS = tuple(engine.pck_key(t) for t in PCK_THRESHOLDS)
 HEADLINE = engine.pck_key(0.20)
@@ -180,192 +177,11 @@ def setup(checkpoint: str, split: str = "test", *, data_root: Optional[str] = No
                      queries=queries, seed=seed, device=target)
 
 
-# ----------------------------------------------------------------------------- batching
-def category_batches(episodes: Sequence[Episode], batch_size: int) -> list[list[Episode]]:
-    """Consecutive episodes in batches of at most `batch_size`, never mixing categories."""
-    if batch_size < 1:
-        raise EvaluationError(f"--batch_size must be >= 1, got {batch_size}")
-    batches: list[list[Episode]] = []
-    for episode in episodes:
-        last = batches[-1] if batches else None
-        if last and len(last) < batch_size and last[-1].category_id == episode.category_id:
-            last.append(episode)
-        else:
-            batches.append([episode])
-    return batches
-
-
-def _by_category(episodes: Sequence[Episode]) -> Iterator[tuple[int, list[Episode]]]:
-    """Runs of consecutive episodes of one category (fixed_episodes lists them category by category)."""
-    run: list[Episode] = []
-    for episode in episodes:
-        if run and run[-1].category_id != episode.category_id:
-            yield run[0].category_id, run
-            run = []
-        run.append(episode)
-    if run:
-        yield run[0].category_id, run
-
-
-def backbone_rows(episodes: Sequence[Episode]) -> np.ndarray:
-    """Split rows in the order the model's backbone sees a batch's images: every episode's supports,
-    then every episode's queries (CapeModel.forward concatenates the flattened supports and queries)."""
-    return np.concatenate([e.support_rows for e in episodes] + [e.query_rows for e in episodes])
-
-
-def image_free(split: PreparedSplit) -> PreparedSplit:
-    """The split with 1x1 placeholder images: `collate` then builds everything but the pixels, which
-    the feature bank replaces."""
-    return dataclasses.replace(split, images=torch.zeros((len(split), 3, 1, 1), dtype=torch.uint8))
-
-
-# ----------------------------------------------------------------------------- feature bank
-class FeatureBank(nn.Module):
-    """Stands in for the model's backbone: returns precomputed features of the rows it is told.
-
-    `rows` is set before every forward to the split rows of the images the model will pass (see
-    `backbone_rows`); the placeholder images themselves are ignored, only their count is checked.
-    Features are kept channels-last ([M, h, w, D] in memory) and returned as a [n, D, h, w] view of
-    that layout: the model's per-pixel normalisation over D then reads contiguous memory, which on a
-    CPU is ~10x faster than over the strided channel axis of the backbone's own layout.
-    """
-
-    def __init__(self, features: torch.Tensor, slot_of_row: torch.Tensor):
-        super().__init__()
-        self.features = features.permute(0, 2, 3, 1).contiguous()  # [M, h, w, D]
-        self.slot_of_row = slot_of_row  # int64 [N]: row of the split -> index into features, -1 = absent
-        self.rows: Optional[torch.Tensor] = None
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        rows, self.rows = self.rows, None
-        if rows is None or rows.numel() != images.shape[0]:
-            raise RuntimeError("the feature bank was asked for images it was not told about: the model's "
-                               "backbone call no longer matches evaluate.backbone_rows; evaluate with "
-                               "--no_feature_cache")
-        slots = self.slot_of_row.index_select(0, rows)
-        if bool((slots < 0).any()):
-            raise RuntimeError("the feature bank lacks some rows of this batch")
-        return self.features.index_select(0, slots).permute(0, 3, 1, 2)
-
-
-def bank_for(model: nn.Module, split: PreparedSplit, category_id: int, episodes: Sequence[Episode],
-             device: torch.device, max_bytes: int = FEATURE_BANK_BYTES) -> Optional[FeatureBank]:
-    """A FeatureBank holding every row that `episodes` use; None when it would not save backbone
-    work (it encodes more instances than the episodes hold images: few episodes per category) or
-    would exceed `max_bytes`.
-
-    The backbone encodes blocks of ENCODE_BLOCK consecutive rows of the category (those blocks that
-    hold a used row). Blocks are fixed by the category's row list, so a row's features never depend
-    on which episodes, or which batch size, asked for it.
-    """
-    category_rows = split.rows_by_category[category_id]
-    used = np.unique(np.concatenate([backbone_rows([e]) for e in episodes]))
-    blocks = [category_rows[b * ENCODE_BLOCK:(b + 1) * ENCODE_BLOCK]
-              for b in np.unique(np.searchsorted(category_rows, used) // ENCODE_BLOCK)]
-    rows_needed = sum(len(block) for block in blocks)
-    if rows_needed > sum(len(e.support_rows) + len(e.query_rows) for e in episodes):
-        return None
-    parts = []
-    with torch.inference_mode():
-        for block in blocks:
-            images = split.images.index_select(0, torch.from_numpy(block))
-            parts.append(model.backbone(images.to(device).float().div_(255.0)))  # as collate prepares them
-            per_row = parts[0][0].numel() * parts[0].element_size()
-            if rows_needed * per_row > max_bytes:
-                log.warning("category %d: a feature bank of %d instances would need %.1f GB; evaluating "
-                            "it without one", category_id, rows_needed, rows_needed * per_row / 1e9)
-                return None
-    rows = torch.from_numpy(np.concatenate(blocks))
-    slot_of_row = torch.full((len(split),), -1, dtype=torch.int64)
-    slot_of_row[rows] = torch.arange(len(rows))
-    return FeatureBank(torch.cat(parts), slot_of_row.to(device))
-
-
-class _SwappedBackbone:
-    """`with _SwappedBackbone(model, bank):` the model's backbone is the bank inside, restored after."""
-
-    def __init__(self, model: nn.Module, bank: FeatureBank):
-        self.model, self.bank, self.original = model, bank, None
-
-    def __enter__(self) -> FeatureBank:
-        self.original = self.model.backbone
-        self.model.backbone = self.bank
-        return self.bank
-
-    def __exit__(self, *exc) -> None:
-        self.model.backbone = self.original
-
-
-# ----------------------------------------------------------------------------- the evaluation loop
-def batch_sums(model: nn.Module, batch, with_loss: bool = False) -> dict[str, float]:
-    """PCK sums (and loss sums) of one batch; same keys as engine.evaluation_sums."""
-    if with_loss:
-        return engine.evaluation_sums(model, batch)
-    with torch.inference_mode():
-        tensors = engine.batch_tensors(batch, engine.model_device(model))
-        coords = model(*(tensors[name] for name in engine.MODEL_INPUTS))
-    return engine.pck_sums(coords[-1], tensors)
-
-
+# ----------------------------------------------------------------------------- the evaluation
 def predict(model: nn.Module, split: PreparedSplit, episodes: Sequence[Episode]):
-    """(batch, final predictions [B, Q, K, 2] on the CPU) for a few episodes: the plain forward."""
-    batch = collate(split, episodes)
-    with torch.no_grad():
-        tensors = engine.batch_tensors(batch, engine.model_device(model))
-        coords = model(*(tensors[name] for name in engine.MODEL_INPUTS))
+    """(batch, final predictions [B, Q, K, 2] on the CPU) for a few episodes of one category."""
+    batch, _, coords, _ = engine.predict_batch(model, split, episodes)
     return batch, coords[-1].cpu()
-
-
-def check_bank(model: nn.Module, split: PreparedSplit, light: PreparedSplit, episodes: Sequence[Episode],
-               bank: FeatureBank) -> None:
-    """The bank path must predict what the plain forward predicts (up to rounding); a model whose
-    backbone call changed shape or order would make it silently wrong, so compare once."""
-    _, plain = predict(model, split, episodes)
-    with _SwappedBackbone(model, bank):
-        bank.rows = torch.from_numpy(backbone_rows(episodes)).to(bank.slot_of_row.device)
-        _, banked = predict(model, light, episodes)
-    close = ((plain - banked).abs() < 1e-3).float().mean().item()
-    if close < 0.95:
-        raise EvaluationError(f"feature-bank predictions disagree with the model's own forward "
-                              f"({100 * (1 - close):.1f}% of coordinates differ): the model changed how it "
-                              f"calls its backbone; evaluate with --no_feature_cache")
-
-
-def evaluate_episodes(model: nn.Module, split: PreparedSplit, episodes: Sequence[Episode],
-                      batch_size: int = DEFAULT_CPU_BATCH, *, feature_cache: bool = True, with_loss: bool = False,
-                      progress: Optional[Callable[[int, int, int], None]] = None) -> dict[int, dict[str, float]]:
-    """Sums per category (engine.evaluation_sums keys plus `episodes`) over fixed episodes.
-
-    `progress(done_categories, total_categories, category_id)` is called after each category.
-    """
-    device = engine.model_device(model)
-    model.eval()
-    feature_cache = feature_cache and isinstance(getattr(model, "backbone", None), nn.Module)
-    light = image_free(split) if feature_cache else None
-    runs = list(_by_category(episodes))
-    sums: dict[int, dict[str, float]] = {}
-    checked = False
-    for done, (category_id, category_episodes) in enumerate(runs, start=1):
-        total = sums.setdefault(category_id, {"episodes": 0.0})
-        batches = category_batches(category_episodes, batch_size)
-        bank = bank_for(model, split, category_id, category_episodes, device) if feature_cache else None
-        if bank is not None and not checked:
-            check_bank(model, split, light, batches[0][:1], bank)
-            checked = True
-        for batch_episodes in batches:
-            if bank is None:
-                batch = collate(split, batch_episodes)
-                engine.add_sums(total, batch_sums(model, batch, with_loss))
-            else:
-                batch = collate(light, batch_episodes)
-                with _SwappedBackbone(model, bank):
-                    bank.rows = torch.from_numpy(backbone_rows(batch_episodes)).to(device)
-                    engine.add_sums(total, batch_sums(model, batch, with_loss))
-            total["episodes"] += len(batch_episodes)
-        del bank
-        if progress is not None:
-            progress(done, len(runs), category_id)
-    return sums
 
 
 # ----------------------------------------------------------------------------- results
@@ -412,8 +228,8 @@ def run(checkpoint: str, split: str = "test", *, data_root: Optional[str] = None
             print(f"  evaluated category {done}/{total} (id {category_id})", file=sys.stderr, flush=True)
 
     started = time.perf_counter()
-    sums = evaluate_episodes(ev.model, ev.data, ev.episodes, batch_size, feature_cache=feature_cache,
-                             with_loss=with_loss, progress=progress)
+    sums = engine.evaluate_episodes(ev.model, ev.data, ev.episodes, batch_size, feature_bank=feature_cache,
+                                    with_loss=with_loss, progress=progress)
     seconds = time.perf_counter() - started
     position = ev.state.get("position", {})
     report = {

@@ -5,7 +5,8 @@ Coordinates are normalised crop coordinates unless a name says `pixels`.
 
 PCK (MP-100): a keypoint counts if it is real, visible in the query and visible in EVERY support;
 d = ||pred - gt|| / max(w, h) of the query's bbox, all in original image pixels; a pair scores the
-fraction of its counted keypoints with d < a, or 0 if it has none; PCK is the mean over pairs.
+fraction of its counted keypoints with d < a, or 0 if it has none (as does a pair whose bbox has no
+size: the reference cannot normalise its distances); PCK is the mean over pairs.
 Values are returned per pair so that callers can sum them over batches and ranks before dividing.
 """
 
@@ -43,8 +44,10 @@ def pck_per_pair(pred: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor, quer
     pixels -> [B, Q, len(thresholds)] PCK of every pair (0 for a pair without valid keypoints)."""
     pred_pixels = to_original_pixels(pred.float(), query_to_original.float())
     gt_pixels = to_original_pixels(gt.float(), query_to_original.float())
-    bbox_size = query_bbox[..., 2:].float().amax(dim=-1).clamp(min=1e-6)  # [B, Q]
-    distance = (pred_pixels - gt_pixels).norm(dim=-1) / bbox_size.unsqueeze(-1)  # [B, Q, K]
+    bbox_size = query_bbox[..., 2:].float().amax(dim=-1)  # [B, Q]
+    # MP-100's reference counts no keypoint of a pair whose bbox has no size: the pair scores 0
+    valid = valid & (bbox_size > 0).unsqueeze(-1)
+    distance = (pred_pixels - gt_pixels).norm(dim=-1) / bbox_size.clamp(min=1e-6).unsqueeze(-1)  # [B, Q, K]
     limits = torch.tensor(thresholds, dtype=distance.dtype, device=distance.device)
     hits = (distance.unsqueeze(-1) < limits) & valid.unsqueeze(-1)  # [B, Q, K, T]
     counted = valid.sum(dim=-1, keepdim=True).clamp(min=1).to(distance.dtype)  # [B, Q, 1]

@@ -1,20 +1,28 @@
-"""Capture and restore every global RNG of one process (python, numpy, torch CPU, CUDA).
+"""Capture and restore every global RNG of one process: torch CPU, CUDA, numpy, python.
 
-States are stored as tensors and plain Python values only, so a checkpoint loads with
-`torch.load(weights_only=True)` and no allow-list. Data order and augmentation never use these
-generators (they are drawn from position-seeded generators, see data/episodes.py); what remains
-here is dropout and anything else a model draws at training time.
+The state uses the original pipeline's field names, each in the form its own library restores:
+    rng_state       torch.get_rng_state()            -> torch.set_rng_state(...)
+    cuda_rng_state  torch.cuda.get_rng_state_all()   -> torch.cuda.set_rng_state_all(...), or None
+    np_rng_state    np.random.get_state() as a tuple -> np.random.set_state(...)
+    py_rng_state    random.getstate()                -> random.setstate(...)
+Only tensors, tuples, ints, floats and strings: a checkpoint loads with `torch.load(weights_only=True)`.
+
+Data order and augmentation never use these generators (they are drawn from position-seeded
+generators, see data/episodes.py); what remains here is dropout and anything else drawn at training
+time.
 """
 
 from __future__ import annotations
 
 import hashlib
 import random
-import warnings
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Optional
 
 import numpy as np
 import torch
+
+RNG_KEYS = ("rng_state", "cuda_rng_state", "np_rng_state", "py_rng_state")
 
 
 def seed_everything(seed: int) -> None:
@@ -30,51 +38,61 @@ def derived_seed(*parts: int) -> int:
 
 
 def capture() -> dict[str, Any]:
-    version, mt_state, gauss_next = random.getstate()
-    np_kind, np_keys, np_pos, np_has_gauss, np_cached = np.random.get_state()
-    state: dict[str, Any] = {
-        "python_version": int(version),
-        "python_state": torch.tensor(mt_state, dtype=torch.int64),
-        "python_gauss_next": gauss_next,  # None or float
-        "numpy_kind": str(np_kind),
-        "numpy_keys": torch.from_numpy(np.asarray(np_keys, dtype=np.int64).copy()),
-        "numpy_pos": int(np_pos),
-        "numpy_has_gauss": int(np_has_gauss),
-        "numpy_cached_gaussian": float(np_cached),
-        "torch_cpu": torch.get_rng_state(),
-        "cuda": [],
-    }
+    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    cuda = None
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = [s.cpu() for s in torch.cuda.get_rng_state_all()]
-    return state
+        cuda = [s.cpu() for s in torch.cuda.get_rng_state_all()]
+    return {
+        "rng_state": torch.get_rng_state(),
+        "cuda_rng_state": cuda,  # one state per visible device; None where CUDA was not in use
+        "np_rng_state": (str(kind), tuple(int(k) for k in keys), int(position), int(has_gauss),
+                         float(cached_gaussian)),
+        "py_rng_state": random.getstate(),
+    }
 
 
-def restore(state: dict[str, Any]) -> list[str]:
-    """Restore a state made by `capture`; returns the names of the generators restored."""
-    random.setstate((
-        state["python_version"],
-        tuple(int(v) for v in state["python_state"].tolist()),
-        state["python_gauss_next"],
-    ))
-    np.random.set_state((
-        state["numpy_kind"],
-        state["numpy_keys"].numpy().astype(np.uint32),
-        state["numpy_pos"],
-        state["numpy_has_gauss"],
-        state["numpy_cached_gaussian"],
-    ))
-    torch.set_rng_state(state["torch_cpu"])
-    restored = ["python", "numpy", "torch"]
-    cuda_states = state.get("cuda") or []
-    if cuda_states:
-        # A CPU resume of a GPU run (or another device count) cannot continue the CUDA stream;
-        # say so instead of failing, since the CPU generators above are still exact.
-        if not torch.cuda.is_available() or len(cuda_states) != torch.cuda.device_count():
-            available = torch.cuda.device_count() if torch.cuda.is_available() else 0
-            warnings.warn(
-                f"checkpoint holds CUDA RNG state for {len(cuda_states)} device(s) but "
-                f"{available} are visible: CUDA RNG not restored", RuntimeWarning, stacklevel=2)
-        else:
-            torch.cuda.set_rng_state_all(cuda_states)
-            restored.append("cuda")
-    return restored
+@dataclass
+class RestoredRng:
+    """What `restore` did, generator by generator, for the resume banner."""
+
+    restored: list[str] = field(default_factory=list)  # of torch, cuda, numpy, python
+    cuda_note: str = ""  # why CUDA was not restored, or how
+
+    @property
+    def cuda(self) -> bool:
+        return "cuda" in self.restored
+
+
+def restore(state: dict[str, Any], cuda_fallback_seed: Optional[int] = None) -> RestoredRng:
+    """Restore a state made by `capture`.
+
+    CUDA: a checkpoint written with N visible devices restores device i from state i for every
+    device both sides have; a CPU resume of a GPU run cannot continue the CUDA stream, and a GPU
+    resume of a CPU run has none to continue. Those cases are said in `cuda_note`, and where this
+    process uses CUDA without a saved state it is seeded from `cuda_fallback_seed` (deterministic).
+    """
+    torch.set_rng_state(state["rng_state"])
+    np.random.set_state(state["np_rng_state"])
+    random.setstate(state["py_rng_state"])
+    result = RestoredRng(restored=["torch"])
+    saved = state.get("cuda_rng_state") or []
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if saved and visible:
+        shared = min(len(saved), visible)
+        for device in range(shared):
+            torch.cuda.set_rng_state(saved[device], device)
+        result.restored.append("cuda")
+        if len(saved) != visible:
+            result.cuda_note = (f"restored for {shared} device(s): the checkpoint has {len(saved)}, "
+                                f"{visible} visible here")
+    elif saved:
+        result.cuda_note = f"not restored: the checkpoint has {len(saved)} device state(s), no CUDA device here"
+    elif visible:
+        result.cuda_note = "not in the checkpoint (written without CUDA)"
+        if cuda_fallback_seed is not None:
+            torch.cuda.manual_seed_all(cuda_fallback_seed)
+            result.cuda_note += "; seeded deterministically"
+    else:
+        result.cuda_note = "n/a (no CUDA here or in the checkpoint)"
+    result.restored += ["numpy", "python"]
+    return result

@@ -54,13 +54,14 @@ def download(fs: pafs.FileSystem, path: str, local_dir: str) -> str:
     return local_dir
 
 
-def is_valid(fs: pafs.FileSystem, path: str) -> bool:
+def problems(fs: pafs.FileSystem, path: str) -> list[str]:
+    """What is wrong with the checkpoint directory at `path` (empty: it verifies)."""
     with tempfile.TemporaryDirectory(prefix="cape_ray_verify_") as tmp:
         try:
             local = download(fs, path, tmp)
-        except OSError:
-            return False
-        return not verify_checkpoint(local)
+        except OSError as exc:
+            return [f"{path} cannot be read: {exc}"]
+        return verify_checkpoint(local)
 
 
 def copy_checkpoint(fs: pafs.FileSystem, source: str, destination: str) -> None:
@@ -75,9 +76,10 @@ def copy_checkpoint(fs: pafs.FileSystem, source: str, destination: str) -> None:
         fs.copy_file(info.path, target)
 
 
-def newest_valid_before(fs: pafs.FileSystem, run_dir: str, limit_name: str) -> Optional[str]:
-    """The newest verifying regular checkpoint at or before `limit_name`'s position, excluding it."""
-    limit = position_from_name(limit_name)
+def newest_valid_before(fs: pafs.FileSystem, run_dir: str, limit_name: Optional[str]) -> Optional[str]:
+    """The newest verifying regular checkpoint of `run_dir` at or before `limit_name`'s position,
+    excluding `limit_name` itself; with no limit, the newest verifying one."""
+    limit = position_from_name(limit_name) if limit_name else None
     candidates = []
     for name in list_dirs(fs, run_dir):
         pos = position_from_name(name)
@@ -85,7 +87,7 @@ def newest_valid_before(fs: pafs.FileSystem, run_dir: str, limit_name: str) -> O
             continue
         candidates.append((pos, name))
     for _, name in sorted(candidates, reverse=True):
-        if is_valid(fs, f"{run_dir}/{name}"):
+        if not problems(fs, f"{run_dir}/{name}"):
             return name
         log.warning("checkpoint %s/%s does not verify either; skipping it", run_dir, name)
     return None

@@ -19,3 +19,11 @@ def ray_cluster():
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=True)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+    """`tiny_config(name, **changes)`: the shared tiny TrainConfig (tests/tiny.py) stored under tmp_path."""
+    from tiny import make_config
+
+    return lambda name="run", **changes: make_config(tmp_path, name, **changes)

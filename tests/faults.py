@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 
 import ray.train
 
 from cape_ray import engine
+from cape_ray.callbacks import BestCheckpointExporter
+from cape_ray.tracking import best_flag
 from cape_ray.worker import train_loop_per_worker
 
 
@@ -76,3 +79,37 @@ def train_with_preemption_notice(config: dict) -> None:
 
     ray.train.get_preemption_info = notice
     train_loop_per_worker(config)
+
+
+class ExporterThatDiesFirst(BestCheckpointExporter):
+    """On the first report with a new best, after Ray has registered the checkpoint and before the
+    export: SIGKILL the driver, then this controller process."""
+
+    def __init__(self, best_metrics: str, driver_pid: int, marker: str):
+        super().__init__(best_metrics)
+        self.driver_pid, self.marker = driver_pid, marker
+
+    def after_report(self, run_context, metrics, checkpoint):
+        report = metrics[0] if metrics else {}
+        if checkpoint is not None and any(report.get(best_flag(m)) for m in self.metrics) \
+                and not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            os.kill(self.driver_pid, signal.SIGKILL)
+            os.kill(os.getpid(), signal.SIGKILL)
+        super().after_report(run_context, metrics, checkpoint)
+
+
+def drive_and_die_before_export(argv: list[str]) -> None:
+    """A driver (`python -c ...`) whose export callback kills it: argv = [marker, config JSON]."""
+    import json
+
+    from ray import cloudpickle
+
+    from cape_ray import job
+    from cape_ray.config import TrainConfig
+
+    marker, config = argv[0], TrainConfig.from_dict(json.loads(argv[1]))
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    driver = os.getpid()
+    job.BestCheckpointExporter = lambda best_metrics: ExporterThatDiesFirst(best_metrics, driver, marker)
+    job.run(config)

@@ -205,17 +205,18 @@ def test_submit_sh_with_the_token_runs_the_real_entrypoint(head, tmp_path):
     for name in names:
         assert ckpt.verify_checkpoint(run_dir / name) == [], name
     final = ckpt.load_checkpoint(run_dir / "checkpoint_e002_lr3e-3_bs2_acc2_qpe2")
-    assert [h["epoch"] for h in final.state["position"]["history"]] == [1, 2]
+    assert [h["epoch"] for h in final.state["history"]] == [1, 2]
 
     # The same name again with one more epoch: a fresh submission id, and the run resumes.
     again = subprocess.run([str(CLUSTER / "submit.sh"), "--name", "authrun", "--storage_path", str(storage),
                             *TINY_FLAGS, "--epochs", "3"], env=env, capture_output=True, text=True, timeout=400)
     output = again.stdout + again.stderr
     assert again.returncode == 0, output[-5000:]
-    assert "RESUMING FROM CHECKPOINT  checkpoint_e002_lr3e-3_bs2_acc2_qpe2" in output, output[-3000:]
+    assert "RESUMING FROM CHECKPOINT" in output, output[-3000:]
+    assert "Checkpoint: checkpoint_e002_lr3e-3_bs2_acc2_qpe2  [" in output, output[-3000:]
     assert len({j["submission_id"] for j in jobs(head)}) == 2
     final = ckpt.load_checkpoint(run_dir / "checkpoint_e003_lr3e-3_bs2_acc2_qpe2")
-    assert [h["epoch"] for h in final.state["position"]["history"]] == [1, 2, 3]
+    assert [h["epoch"] for h in final.state["history"]] == [1, 2, 3]
 
 
 # ----------------------------------------------------------------------------- submit.sh, offline

@@ -70,5 +70,7 @@ def test_failure_config_counts_preemptions_separately():
     assert run_config.failure_config.max_preemption_failures == 9
     assert scaling.num_workers == (2, 8)
     assert run_config.checkpoint_config.num_to_keep == 3
-    assert run_config.checkpoint_config.checkpoint_score_attribute == "val_pck"
+    # retention ranks by the (smoothed) PCK, with every --keep_every-th epoch on top (checkpointer.py)
+    assert run_config.checkpoint_config.checkpoint_score_attribute == "retention_score"
+    assert run_config.checkpoint_config.checkpoint_score_order == "max"
     assert run_config.name == "cape-ray"

@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
-from cape_ray import checkpoint as ckpt, cli, evaluate, rng
+from cape_ray import cli, engine, evaluate
 from cape_ray.config import TrainConfig
 from cape_ray.data.episodes import EpisodeSampler
 from cape_ray.data.loading import load_split
-from cape_ray.model import build_model
+from tiny import write_checkpoint
 
 TINY = dict(image_size=32, feature_dim=16, refine_layers=1, synthetic_instances_per_category=6,
             synthetic_canvas=48, num_threads=1)
@@ -22,13 +23,8 @@ EPISODES, QUERIES = 3, 3
 
 
 def write_fresh_checkpoint(directory, config: TrainConfig, seed: int = 0):
-    torch.manual_seed(seed)
-    model = build_model(config)
-    state = {"config": config.to_dict(), "position": {"epoch": 1, "step": 0, "global_step": 4, "history": []},
-             "tracking": {}, "world_size": 1, "metrics": {}}
-    blob = ckpt.serialize({"rng": rng.capture(), "loss_sum": 0.0, "loss_count": 0})
-    return ckpt.write_checkpoint(directory, model=model.state_dict(), optimizer={}, scheduler={}, state=state,
-                                 rank_states={0: blob})
+    """A checkpoint of a freshly built model, written by the real writer."""
+    return write_checkpoint(Path(directory).parent, Path(directory).name, config, seed=seed)
 
 
 @pytest.fixture(scope="module")
@@ -66,19 +62,22 @@ def test_same_numbers_for_any_batch_size_and_repeated_runs(checkpoint_dir):
 
 def test_feature_bank_matches_the_models_own_forward(checkpoint_dir):
     ev = evaluate.setup(checkpoint_dir, "val", episodes=EPISODES, queries=QUERIES, device="cpu")
-    banked = evaluate.evaluate_episodes(ev.model, ev.data, ev.episodes, 2, feature_cache=True)
-    plain = evaluate.evaluate_episodes(ev.model, ev.data, ev.episodes, 2, feature_cache=False)
+    banked = engine.evaluate_episodes(ev.model, ev.data, ev.episodes, 2, feature_bank=True)
+    plain = engine.evaluate_episodes(ev.model, ev.data, ev.episodes, 2, feature_bank=False)
     assert banked.keys() == plain.keys()
     for category_id in banked:
         assert banked[category_id]["pairs"] == plain[category_id]["pairs"] == EPISODES * QUERIES
         for key in evaluate.PCK_KEYS:
-            # different backbone batches round differently: at most a keypoint flips at a threshold
+            # different encode batches round differently: at most a keypoint flips at a threshold
             assert banked[category_id][key + "_sum"] == pytest.approx(plain[category_id][key + "_sum"], abs=0.5)
-    # and the bank really was used: its backbone call order is the model's
-    category_id, episodes = next(evaluate._by_category(ev.episodes))
-    bank = evaluate.bank_for(ev.model, ev.data, category_id, episodes, torch.device("cpu"))
+    # the bank is really used, and its predictions are the forward's up to rounding
+    category_id, episodes = next(engine.by_category(ev.episodes))
+    with torch.inference_mode():
+        bank = engine.FeatureBank.for_category(ev.model, ev.data, category_id, episodes)
     assert bank is not None
-    evaluate.check_bank(ev.model, ev.data, evaluate.image_free(ev.data), episodes[:2], bank)
+    _, _, from_bank, _ = engine.predict_batch(ev.model, ev.data, episodes[:2], bank)
+    _, _, from_images, _ = engine.predict_batch(ev.model, ev.data, episodes[:2])
+    assert torch.allclose(from_bank, from_images, atol=1e-5)
 
 
 def test_episodes_are_the_mp100_protocol(checkpoint_dir):
@@ -88,7 +87,7 @@ def test_episodes_are_the_mp100_protocol(checkpoint_dir):
     assert [(e.category_id, e.support_rows.tolist(), e.query_rows.tolist()) for e in ev.episodes] == \
            [(e.category_id, e.support_rows.tolist(), e.query_rows.tolist()) for e in expected]
     assert evaluate.DEFAULT_EPISODES == {"test": 200, "val": 100, "train": 100}
-    batches = evaluate.category_batches(ev.episodes, 3)
+    batches = engine.category_batches(ev.episodes, 3)
     assert all(len({e.category_id for e in batch}) == 1 and len(batch) <= 3 for batch in batches)
     assert sum(len(b) for b in batches) == len(ev.episodes)
 

@@ -14,6 +14,7 @@ import pytest
 from ray.train import RunConfig
 
 from cape_ray import checkpoint as ckpt, cli, evaluate, history, plots
+from tiny import TINY
 
 # ----------------------------------------------------------------------------- the callback alone
 
@@ -96,20 +97,18 @@ def test_object_store_is_read_and_rewritten_and_gets_tensorboard_files():
 
 
 # ----------------------------------------------------------------------------- a real run
-TINY_RUN = dict(epochs=2, episodes_per_epoch=16, batch_size=2, num_queries_per_episode=2, checkpoint_every_steps=4,
-                val_episodes=2, val_queries_per_episode=3, image_size=32, feature_dim=16, refine_layers=1,
-                synthetic_instances_per_category=6, synthetic_canvas=48, num_workers="1", keep=100,
-                warmup_steps=2, lr=3e-3, max_failures=0)
+# The shared tiny run with one micro-batch per step: 8 steps per epoch, a mid-epoch checkpoint at step 4.
+TINY_RUN = dict(accumulation_steps=1, checkpoint_every_steps=4, keep=100, max_failures=0)
 
 
 @pytest.fixture(scope="module")
 def tiny_run(ray_cluster, tmp_path_factory):
     """A 2-epoch run, then the same run rerun by a new driver with 3 epochs (it resumes and appends)."""
-    from cape_ray.config import TrainConfig
     from cape_ray.job import build_trainer
+    from tiny import make_config
 
     storage = tmp_path_factory.mktemp("history")
-    config = TrainConfig(**TINY_RUN, name="tiny", storage_path=str(storage))
+    config = make_config(storage, "tiny", **TINY_RUN)
     assert build_trainer(config).fit().error is None
     assert build_trainer(config.replace(epochs=3)).fit().error is None
     return storage / "tiny"
@@ -145,7 +144,7 @@ def test_run_history_has_one_line_per_report_and_the_rerun_marker(tiny_run):
     validated = [r for r in reports if r["validated"]]
     assert all({"val_loss", "val_pck", "pck@0.05", "pck@0.25", "mpck", "epoch_time_s"} <= set(r) for r in validated)
     final = ckpt.load_checkpoint(tiny_run / "checkpoint_e003_lr3e-3_bs2_acc1_qpe2")
-    assert [h["val_pck"] for h in final.state["position"]["history"]] == [r["val_pck"] for r in validated]
+    assert [h["val_pck"] for h in final.state["history"]] == [r["val_pck"] for r in validated]
 
 
 @pytest.mark.slow
@@ -187,8 +186,8 @@ def test_evaluate_reproduces_the_runs_validation(tiny_run):
     """On the val split with the training's episode settings, evaluation scores exactly the episodes
     training validated on, so it must find the PCK training recorded."""
     name = "checkpoint_e003_lr3e-3_bs2_acc1_qpe2"
-    report = evaluate.run(str(tiny_run / name), "val", episodes=TINY_RUN["val_episodes"],
-                          queries=TINY_RUN["val_queries_per_episode"], device="cpu", with_loss=True)
+    report = evaluate.run(str(tiny_run / name), "val", episodes=TINY["val_episodes"],
+                          queries=TINY["val_queries_per_episode"], device="cpu", with_loss=True)
     recorded = ckpt.load_checkpoint(tiny_run / name).state["metrics"]
     assert report["mean_over_pairs"]["pck@0.20"] == pytest.approx(recorded["val_pck"], abs=1e-6)
     assert report["mean_over_pairs"]["loss"] == pytest.approx(recorded["val_loss"], rel=1e-5)
@@ -199,11 +198,11 @@ def test_a_killed_worker_leaves_a_failure_and_a_restart_line(ray_cluster, tmp_pa
     from ray import cloudpickle
 
     import faults
-    from cape_ray.config import TrainConfig
     from cape_ray.job import build_trainer
+    from tiny import make_config
 
     cloudpickle.register_pickle_by_value(faults)
-    config = TrainConfig(**{**TINY_RUN, "epochs": 1, "max_failures": 1}, name="killed", storage_path=str(tmp_path))
+    config = make_config(tmp_path, "killed", **{**TINY_RUN, "epochs": 1, "max_failures": 1})
     # one micro-batch per step: call 6 is step 6 of epoch 1, after the mid-epoch checkpoint of step 4
     plan = {"rank": 0, "kill_at_call": 6, "marker": str(tmp_path / "killed.marker"),
             "log": str(tmp_path / "starts.log")}

@@ -97,6 +97,14 @@ def test_pair_without_valid_keypoint_scores_zero():
     assert pck.mean().item() == 0.5  # the empty pair still counts in the mean over pairs
 
 
+def test_pair_whose_bbox_has_no_size_scores_zero_even_when_exact():
+    gt = torch.full((2, 1, 3, 2), 0.5)
+    valid = torch.ones(2, 1, 3, dtype=torch.bool)
+    bbox = torch.stack([BBOX, torch.tensor([5.0, 7.0, 0.0, 0.0])]).view(2, 1, 4)
+    pck = pck_per_pair(gt, gt, valid, bbox, AFFINE.expand(2, 1, 2, 3))
+    assert pck[0].eq(1).all() and pck[1].eq(0).all()  # as MP-100's reference: nothing in it counts
+
+
 def test_padding_is_ignored():
     gt = torch.tensor([[[[0.2, 0.2], [0.7, 0.4], [0.0, 0.0], [0.0, 0.0]]]])
     pred = gt.clone()

@@ -24,20 +24,12 @@ import pyarrow.fs as pafs
 import pytest
 
 from cape_ray import checkpoint as ckpt, storage
-from cape_ray.config import TrainConfig
 from cape_ray.job import build_trainer
+from tiny import make_config
 
 pytestmark = pytest.mark.slow
 
 BUCKET = "cape-ray-test"
-# 1 worker x batch 2 x accumulation 2 = 4 episodes per step: 4 steps per epoch, a mid-epoch
-# checkpoint after every step, validation each epoch.
-TINY = dict(
-    episodes_per_epoch=16, batch_size=2, accumulation_steps=2, num_queries_per_episode=2,
-    checkpoint_every_steps=1, val_episodes=2, val_queries_per_episode=3, image_size=32, feature_dim=16,
-    refine_layers=1, synthetic_instances_per_category=6, synthetic_canvas=48, num_workers="1", keep=2,
-    warmup_steps=2, max_failures=2, lr=3e-3,
-)
 
 
 def free_port() -> int:
@@ -100,12 +92,12 @@ def test_killed_worker_and_driver_rerun_on_s3(ray_cluster, s3_endpoint, tmp_path
 
     cloudpickle.register_pickle_by_value(faults)
     uri = s3_uri(s3_endpoint, "runs")
-    config = TrainConfig(**TINY, name="s3run", storage_path=uri, epochs=2)
+    config = make_config(uri, "s3run")
     # compute_loss runs 8 times per epoch (4 steps x 2 micro-batches): call 14 is epoch 2, step 3.
     plan = {"rank": 0, "kill_at_call": 14, "marker": str(tmp_path / "killed.marker"),
             "log": str(tmp_path / "starts.log")}
 
-    def fit(cfg: TrainConfig):
+    def fit(cfg):
         return build_trainer(cfg, faults.train_with_faults, {**cfg.to_dict(), "_fault_plan": plan}).fit()
 
     first = fit(config)
@@ -128,18 +120,18 @@ def test_killed_worker_and_driver_rerun_on_s3(ray_cluster, s3_endpoint, tmp_path
 
     with tempfile.TemporaryDirectory() as scratch:
         final = ckpt.load_checkpoint(storage.download(fs, second.checkpoint.path, scratch))
-    history = final.state["position"]["history"]
+    history = final.state["history"]
     assert [h["epoch"] for h in history] == [1, 2, 3]
     assert final.state["position"]["global_step"] == 12
 
     # Retention on S3: top-2 by val_pck + latest + the two best exports; mid-epoch ones deleted.
-    by_score = sorted(history, key=lambda h: (h["val_pck"], h["epoch"]))
+    by_score = sorted(history, key=lambda h: (h["retention_score"], h["epoch"]))
     top = {ckpt.checkpoint_name(config, h["epoch"]) for h in by_score[-2:]}
     latest = {ckpt.checkpoint_name(config, 3)}
     best_pck = max(history, key=lambda h: (h["val_pck"], -h["epoch"]))
     best_loss = min(history, key=lambda h: (h["val_loss"], h["epoch"]))
-    exports = {ckpt.best_export_name("pck", best_pck["epoch"], best_pck["val_pck"], best_pck["val_loss"]),
-               ckpt.best_export_name("loss", best_loss["epoch"], best_loss["val_pck"], best_loss["val_loss"])}
+    exports = {ckpt.best_export_name("val_pck", best_pck["epoch"], best_pck),
+               ckpt.best_export_name("val_loss", best_loss["epoch"], best_loss)}
     assert set(storage.list_dirs(fs, run_dir)) == top | latest | exports
     for name in top | latest | exports:
-        assert storage.is_valid(fs, f"{run_dir}/{name}"), f"{name} does not verify"
+        assert storage.problems(fs, f"{run_dir}/{name}") == [], f"{name} does not verify"

@@ -41,10 +41,10 @@ class Episode:
 
 @dataclass
 class EpisodeBatch:
-    support_images: torch.Tensor  # float32 [B, S, 3, H, W] in [0, 1]
+    support_images: Optional[torch.Tensor]  # float32 [B, S, 3, H, W] in [0, 1]; None when built without images
     support_keypoints: torch.Tensor  # float32 [B, S, K, 2] normalised crop coordinates
     support_visible: torch.Tensor  # bool [B, S, K]
-    query_images: torch.Tensor  # float32 [B, Q, 3, H, W]
+    query_images: Optional[torch.Tensor]  # float32 [B, Q, 3, H, W]
     query_keypoints: torch.Tensor  # float32 [B, Q, K, 2]
     query_visible: torch.Tensor  # bool [B, Q, K]
     keypoint_mask: torch.Tensor  # bool [B, K] real keypoints of each episode's category
@@ -52,9 +52,12 @@ class EpisodeBatch:
     query_bbox: torch.Tensor  # float32 [B, Q, 4] original pixels
     query_to_original: torch.Tensor  # float32 [B, Q, 2, 3] augmented normalised -> original pixels
     category_ids: torch.Tensor  # int64 [B]
+    support_rows: torch.Tensor  # int64 [B, S] rows of the PreparedSplit
+    query_rows: torch.Tensor  # int64 [B, Q]
 
     def to(self, device, non_blocking: bool = False) -> "EpisodeBatch":
-        return EpisodeBatch(**{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
+        return EpisodeBatch(**{f.name: None if getattr(self, f.name) is None
+                               else getattr(self, f.name).to(device, non_blocking=non_blocking)
                                for f in dataclasses.fields(self)})
 
     @property
@@ -159,12 +162,33 @@ class EpisodeSampler:
         return episodes
 
 
+class TrainingBatches:
+    """One rank's training micro-batches on its device, a pure function of the position: optimizer
+    step starting at global episode `first_episode` of `epoch` -> `accumulation_steps` batches."""
+
+    def __init__(self, split: PreparedSplit, config, rank: int, world_size: int, device: torch.device):
+        self.split, self.rank, self.world_size, self.device = split, rank, world_size, device
+        self.batch_size, self.accumulation, self.augment = config.batch_size, config.accumulation_steps, config.augment
+        self.sampler = EpisodeSampler(split, config.num_shots, config.num_queries_per_episode, seed=config.seed)
+
+    def step(self, epoch: int, first_episode: int) -> list[EpisodeBatch]:
+        batches = []
+        for micro in range(self.accumulation):
+            indices = first_episode + global_episode_indices(0, micro, self.rank, self.world_size, self.batch_size,
+                                                             self.accumulation)
+            episodes = self.sampler.train_episodes(epoch, indices)
+            batches.append(collate(self.split, episodes, augment=self.augment).to(self.device, non_blocking=True))
+        return batches
+
+
 # ---------------------------------------------------------------------------------------- collate
-def collate(split: PreparedSplit, episodes: Sequence[Episode], augment: bool = False) -> EpisodeBatch:
+def collate(split: PreparedSplit, episodes: Sequence[Episode], augment: bool = False,
+            images: bool = True) -> EpisodeBatch:
     """Stack episodes into tensors, padded to the largest keypoint count K of the batch.
 
     With `augment`, every image is rotated/scaled by its episode's parameters; keypoints that leave
-    the crop become invisible, and `query_to_original` includes the augmentation.
+    the crop become invisible, and `query_to_original` includes the augmentation. Without `images`
+    the batch has everything but the pixels (for evaluation from precomputed features).
     """
     if not episodes:
         raise ValueError("collate needs at least one episode")
@@ -176,7 +200,9 @@ def collate(split: PreparedSplit, episodes: Sequence[Episode], augment: bool = F
     k = int(counts.max())
 
     rows = torch.from_numpy(np.concatenate([np.concatenate([e.support_rows, e.query_rows]) for e in episodes]))
-    images = split.images.index_select(0, rows).float().div_(255.0)
+    if augment and not images:
+        raise ValueError("augment=True needs images")
+    pixels = split.images.index_select(0, rows).float().div_(255.0) if images else None
     keypoints = split.keypoints.index_select(0, rows)[:, :k]
     visible = split.visible.index_select(0, rows)[:, :k]
     mask = torch.arange(k)[None, :] < torch.from_numpy(counts)[:, None]  # [B, K]
@@ -187,7 +213,7 @@ def collate(split: PreparedSplit, episodes: Sequence[Episode], augment: bool = F
         if any(e.augment is None for e in episodes):
             raise ValueError("augment=True needs training episodes (they carry augmentation parameters)")
         params = AugmentParams.concat([e.augment for e in episodes])
-        images, keypoints, inverse = augment_images(images, keypoints, params)
+        pixels, keypoints, inverse = augment_images(pixels, keypoints, params)
         inside = ((keypoints >= 0) & (keypoints <= 1)).all(-1)
         row_mask = mask.repeat_interleave(per, dim=0)
         visible = visible & inside & row_mask
@@ -195,8 +221,8 @@ def collate(split: PreparedSplit, episodes: Sequence[Episode], augment: bool = F
         query_inverse = inverse.view(b, per, 2, 3)[:, shots:]
         to_original = compose_affine(to_original, query_inverse)
 
-    size = images.shape[-1]
-    images = images.view(b, per, 3, size, size)
+    if pixels is not None:
+        pixels = pixels.view(b, per, 3, *pixels.shape[-2:])
     keypoints = keypoints.reshape(b, per, k, 2)
     visible = visible.reshape(b, per, k)
     skeleton = torch.zeros(b, k, k)
@@ -205,10 +231,10 @@ def collate(split: PreparedSplit, episodes: Sequence[Episode], augment: bool = F
         skeleton[i, :kc, :kc] = split.adjacency[e.category_id]
     query_bbox = split.bbox.index_select(0, query_rows).view(b, queries, 4)
     return EpisodeBatch(
-        support_images=images[:, :shots].contiguous(),
+        support_images=None if pixels is None else pixels[:, :shots].contiguous(),
         support_keypoints=keypoints[:, :shots].contiguous(),
         support_visible=visible[:, :shots].contiguous(),
-        query_images=images[:, shots:].contiguous(),
+        query_images=None if pixels is None else pixels[:, shots:].contiguous(),
         query_keypoints=keypoints[:, shots:].contiguous(),
         query_visible=visible[:, shots:].contiguous(),
         keypoint_mask=mask,
@@ -216,4 +242,6 @@ def collate(split: PreparedSplit, episodes: Sequence[Episode], augment: bool = F
         query_bbox=query_bbox,
         query_to_original=to_original,
         category_ids=torch.tensor([e.category_id for e in episodes], dtype=torch.int64),
+        support_rows=rows.view(b, per)[:, :shots].contiguous(),
+        query_rows=rows.view(b, per)[:, shots:].contiguous(),
     )

@@ -1,0 +1,75 @@
+"""The training loop's view of Ray, in one process: for fast tests of the real loop without Ray.
+
+`LocalEdge` is rank 0 of a world of 1 on the CPU. A report copies the staged checkpoint into the run
+directory and registers it at once, and, like Ray's controller, then runs the best-export callback.
+`crash_after` stops the run with `Crash` right after the N-th report has been registered (before
+its export when `crash_before_export`), the way a killed process would leave it; a new edge made with
+`LocalEdge.after(edge)` then plays the restart: the same run directory, the last registered
+checkpoint as the latest.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import pyarrow.fs as pafs
+import torch
+
+from cape_ray.callbacks import BestCheckpointExporter
+
+
+class Crash(Exception):
+    """Stands for a process killed at a chosen point."""
+
+
+class _Checkpoint:
+    def __init__(self, path: str):
+        self.path, self.filesystem = path, pafs.LocalFileSystem()
+
+
+class LocalEdge:
+    rank, world_size, device = 0, 1, torch.device("cpu")
+
+    def __init__(self, run_dir, best_metrics: str = "val_pck:max,val_loss:min", *, latest: Optional[str] = None,
+                 registered=(), crash_after: Optional[int] = None, crash_before_export: bool = False):
+        self.fs = pafs.LocalFileSystem()
+        self.run_dir = str(run_dir)
+        Path(self.run_dir).mkdir(parents=True, exist_ok=True)
+        self.latest, self.registered = latest, set(registered)
+        self.exporter = BestCheckpointExporter(best_metrics)
+        self.crash_after, self.crash_before_export = crash_after, crash_before_export
+        self.reports: list[tuple[str, dict]] = []
+
+    @classmethod
+    def after(cls, previous: "LocalEdge", **changes) -> "LocalEdge":
+        """The edge a restarted worker sees: Ray's latest registered checkpoint and every registered name."""
+        return cls(previous.run_dir, **{"latest": previous.latest, "registered": previous.registered, **changes})
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model
+
+    def report(self, metrics: dict, directory: Optional[str], name: str) -> None:
+        self.reports.append((name, dict(metrics)))
+        if directory is not None:
+            target = f"{self.run_dir}/{name}"
+            shutil.copytree(directory, target, dirs_exist_ok=True)
+            self.registered.add(name)
+            self.latest = target
+        crash = self.crash_after is not None and len(self.reports) >= self.crash_after
+        if crash and self.crash_before_export:
+            raise Crash(f"after registering {name}, before its export")
+        if directory is not None:
+            self.exporter.after_report(None, [metrics], _Checkpoint(self.latest))
+        if crash:
+            raise Crash(f"after report {len(self.reports)} ({name})")
+
+    def gather(self, blob: bytes) -> dict[int, bytes]:
+        return {0: blob}
+
+    def all_reduce(self, values: dict[str, float]) -> dict[str, float]:
+        return dict(values)
+
+    def preemption_notice(self):
+        return None

@@ -1,0 +1,178 @@
+"""The Checkpointer's decisions, without Ray and without training: which checkpoint a start
+continues from, what it restores on which rank, what it removes and what it exports."""
+
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+import pyarrow.fs as pafs
+import pytest
+import torch
+
+from cape_ray import checkpoint as ckpt, engine, rng
+from cape_ray.checkpointer import (Checkpointer, Export, plan_layout, resolve_resume, retention_score,
+                                   retention_slots, sync_exports)
+from cape_ray.model import build_model
+from cape_ray.state import TrainState
+from tiny import make_config, write_checkpoint
+
+E1, E2, E3 = (f"checkpoint_e00{e}_lr3e-3_bs2_acc2_qpe2" for e in (1, 2, 3))
+E2_S1 = E2 + "_s000001"
+
+
+def checkpointer(run_dir: Path, config, *, latest=None, registered=(), rank=0, world_size=1, reports=None):
+    def report(metrics, directory, name):
+        if reports is not None:
+            reports.append(name)
+        if directory:
+            shutil.copytree(directory, run_dir / name, dirs_exist_ok=True)
+
+    return Checkpointer(config, fs=pafs.LocalFileSystem(), run_dir=str(run_dir),
+                        latest=None if latest is None else str(run_dir / latest), registered=registered, rank=rank,
+                        world_size=world_size, report=report, gather=lambda blob: {0: blob})
+
+
+def damage(path: Path) -> None:
+    target = path / "model.pt"
+    target.write_bytes(target.read_bytes()[:-64])
+
+
+def test_a_damaged_latest_falls_back_to_the_newest_valid_checkpoint_before_it(tmp_path):
+    config = make_config(tmp_path)
+    for name in (E1, E2_S1, E2, E3):
+        write_checkpoint(tmp_path, name, config)
+    damage(tmp_path / E3)
+    damage(tmp_path / E2)
+    restored = checkpointer(tmp_path, config, latest=E3, registered={E1, E2_S1, E2, E3}).restore()
+    assert (restored.name, restored.fell_back_from, restored.source) == (E2_S1, E3, "ray")
+    # the redone epoch-end reports a name Ray has not registered: the damaged one stays registered
+    again = checkpointer(tmp_path, config, registered={E1, E2_S1, E2, E3})
+    assert again.unique_name(E3) == E3 + "_redo" and again.unique_name(E3 + "_s000001") == E3 + "_s000001"
+
+
+def test_no_valid_checkpoint_left_refuses_to_start_from_scratch(tmp_path):
+    config = make_config(tmp_path)
+    write_checkpoint(tmp_path, E1, config)
+    damage(tmp_path / E1)
+    with pytest.raises(ckpt.CheckpointError, match="refusing to start from scratch"):
+        checkpointer(tmp_path, config, latest=E1, registered={E1}).restore()
+
+
+def test_the_runs_own_latest_takes_precedence_over_resume(tmp_path):
+    config = make_config(tmp_path, resume=str(tmp_path / "elsewhere"))
+    write_checkpoint(tmp_path, E1, config)
+    restored = checkpointer(tmp_path, config, latest=E1, registered={E1}).restore()
+    assert restored.name == E1 and restored.resume_ignored == str(tmp_path / "elsewhere")
+
+
+def test_resume_takes_a_checkpoint_or_a_run_directory_and_refuses_anything_else(tmp_path):
+    config = make_config(tmp_path)
+    run_dir = tmp_path / "old_run"
+    for name in (E1, E2_S1, E2):
+        write_checkpoint(run_dir, name, config)
+    write_checkpoint(run_dir, "checkpoint_best_pck_e009_pck0.9000_valloss0.1000", config)  # never a candidate
+    assert resolve_resume(str(run_dir / E1))[1] == str(run_dir / E1)
+    assert resolve_resume(str(run_dir))[1] == str(run_dir / E2)  # its newest valid checkpoint
+    damage(run_dir / E2)
+    assert resolve_resume(str(run_dir))[1] == str(run_dir / E2_S1)
+    with pytest.raises(ckpt.CheckpointError, match="does not verify"):
+        resolve_resume(str(run_dir / E2))
+    with pytest.raises(ckpt.CheckpointError, match="no such checkpoint or run directory"):
+        resolve_resume(str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ckpt.CheckpointError, match="neither a checkpoint"):
+        resolve_resume(str(tmp_path / "empty"))
+
+
+def test_each_rank_restores_its_own_generators_and_running_loss(tmp_path):
+    config = make_config(tmp_path, num_workers="2")
+    states = {}
+    for rank in range(2):
+        rng.seed_everything(100 + rank)
+        states[rank] = {**rng.capture(), "loss_sum": 1.5 + rank, "loss_count": 3 + rank}
+    write_checkpoint(tmp_path, E2_S1, config, ranks=2, rank_states=states)
+    for rank in range(2):
+        rng.seed_everything(7)
+        node = checkpointer(tmp_path, config, latest=E2_S1, registered={E2_S1}, rank=rank, world_size=2)
+        restored = node.restore()
+        model = build_model(restored.config)
+        optimizer = engine.build_optimizer(model, restored.config)
+        scheduler = engine.build_scheduler(optimizer, restored.config, 10)
+        resumed = node.load_into(restored, TrainState.fresh(restored.config, 2), model, optimizer, scheduler)
+        assert (resumed.loss_sum, resumed.loss_count) == (1.5 + rank, 3 + rank)
+        assert torch.equal(torch.get_rng_state(), states[rank]["rng_state"])
+        assert np.random.get_state()[1].tolist() == list(states[rank]["np_rng_state"][1])
+        assert random.getstate() == states[rank]["py_rng_state"]
+
+
+def test_another_world_size_keeps_the_batch_or_says_why_not(tmp_path):
+    config = make_config(tmp_path, batch_size=2, accumulation_steps=2)
+    saved = {"world_size": 2, "position": {"episodes_per_step": 8}}
+    assert plan_layout(config, 2, saved) == (config, None)
+    one, note = plan_layout(config, 1, saved)
+    assert one.accumulation_steps == 4 and "keeps 8 episodes per step" in note
+    three, note = plan_layout(config, 3, saved)  # 8 episodes cannot be split into 3 ranks x batch 2
+    assert three.accumulation_steps == 1 and "cannot be kept" in note and "now 6" in note
+
+
+def test_orphans_past_the_restore_point_are_removed_earlier_ones_reported(tmp_path):
+    config = make_config(tmp_path)
+    for name in (E1, E2_S1, E2, E3):
+        write_checkpoint(tmp_path, name, config)
+    node = checkpointer(tmp_path, config, registered={E1, E2})
+    removed, reported = node.clean_orphans(ckpt.position_from_name(E2))
+    assert removed == [E3] and reported == [E2_S1]
+    assert not (tmp_path / E3).exists() and (tmp_path / E2_S1).exists()
+    assert node.clean_orphans(None) == ([], [E2_S1])  # a fresh start deletes nothing
+
+
+def test_exports_are_completed_and_the_old_ones_deleted_only_afterwards(tmp_path):
+    config = make_config(tmp_path)
+    write_checkpoint(tmp_path, E1, config)
+    write_checkpoint(tmp_path, E2, config)
+    old = "checkpoint_best_pck_e001_pck0.2000_valloss0.9000"
+    wanted = "checkpoint_best_pck_e002_pck0.3000_valloss0.8000"
+    shutil.copytree(tmp_path / E1, tmp_path / old)
+    shutil.copytree(tmp_path / E2, tmp_path / wanted)
+    (tmp_path / wanted / "manifest.json").unlink()  # an export cut short by a crash
+    loss_export = "checkpoint_best_loss_e001_valloss0.9000_pck0.2000"
+    shutil.copytree(tmp_path / E1, tmp_path / loss_export)
+
+    # without verifying, an export that is there counts as done (the callback's fast path) ...
+    assert sync_exports(pafs.LocalFileSystem(), str(tmp_path), [Export("val_pck", wanted, E2)]) == ([], [])
+    assert not (tmp_path / old).exists()
+    # ... at a start every export is verified, and a partial one is made again
+    written, problems = sync_exports(pafs.LocalFileSystem(), str(tmp_path), [Export("val_pck", wanted, E2)],
+                                     verify_existing=True)
+    assert written == [wanted] and problems == [] and ckpt.verify_checkpoint(tmp_path / wanted) == []
+    assert (tmp_path / loss_export).exists()  # another metric's export is left alone
+
+    # an export whose checkpoint is gone cannot be made: the existing one stays, and it is said
+    written, problems = sync_exports(pafs.LocalFileSystem(), str(tmp_path),
+                                     [Export("val_pck", "checkpoint_best_pck_e003_pck0.4_valloss0.7", E3)])
+    assert written == [] and "cannot be made" in problems[0] and (tmp_path / wanted).exists()
+
+
+def test_retention_keeps_validated_bests_every_nth_epoch_and_never_unvalidated(tmp_path):
+    config = make_config(tmp_path, epochs=300, keep=2, keep_every=50)
+    assert retention_slots(config) == 2 + 6
+    assert retention_slots(config.replace(keep=0)) is None  # keep every checkpoint
+    assert retention_slots(config.replace(keep_every=0)) == 2
+    assert retention_score(config, 100, True, 0.5) > retention_score(config, 99, True, 0.99) > \
+        retention_score(config, 99, False, 0.99)
+    assert retention_score(config, 99, True, 0.7) == 0.7
+
+
+def test_save_reports_on_every_rank_but_writes_only_on_rank_zero(tmp_path):
+    config = make_config(tmp_path)
+    reports = []
+    other = checkpointer(tmp_path, config, rank=1, world_size=2, reports=reports)
+    model = build_model(config)
+    optimizer = engine.build_optimizer(model, config)
+    scheduler = engine.build_scheduler(optimizer, config, 10)
+    other.save(E1, TrainState.fresh(config, 2), model, optimizer, scheduler, {"loss_sum": 0.0, "loss_count": 0}, {})
+    assert reports == [E1] and not (tmp_path / E1).exists()
