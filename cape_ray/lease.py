@@ -12,7 +12,9 @@ submission id when there is one.
 
 Protocol
 - claim: read the lease. A live holder (heartbeat younger than `timeout_s` and, when it runs on
-  this machine, a running process) makes the claim fail with LeaseHeld. Otherwise write our record,
+  this machine, a running process) makes the claim fail with LeaseHeld; one on another machine
+  that has missed two heartbeats is watched until it expires (then taken over) or beats again
+  (then refused). Otherwise write our record,
   wait `settle_s`, read it back: it must still carry our token. The write must also have completed
   within `settle_s / 2` of the moment our read began, otherwise we withdraw (LeaseContended).
 - heartbeat: every `interval_s` a thread reads the lease; it must still carry our token, and our
@@ -282,10 +284,27 @@ class DriverLease:
     # ------------------------------------------------------------------ protocol
     def acquire(self) -> None:
         token = uuid.uuid4().hex + secrets.token_hex(4)
-        began = self.clock.monotonic()
-        current = self.read()
-        if current is not None and current.get("token") != token and self.holder_alive(current):
-            raise LeaseHeld(self.describe(current))
+        watched: Optional[dict] = None
+        while True:
+            began = self.clock.monotonic()
+            current = self.read()
+            if current is None or not self.holder_alive(current):
+                break
+            if watched is not None and (current.get("token"), current.get("heartbeat")) != (
+                    watched.get("token"), watched.get("heartbeat")):
+                raise LeaseHeld(self.describe(current))  # it beat again: alive after all
+            age = self.clock.time() - float(current.get("heartbeat", 0))
+            if current.get("machine") == self.me.get("machine") or age <= 2 * self.interval_s:
+                raise LeaseHeld(self.describe(current))
+            # A holder elsewhere that missed two heartbeats is most likely gone (e.g. its cluster
+            # was torn down under it and this is the retry): wait for its lease to expire instead
+            # of failing, unless it beats again meanwhile.
+            if watched is None:
+                log.warning("the driver lease of run '%s' (host %s, pid %s) is %.0f s old: waiting up to %.0f s "
+                            "for it to expire", self.name, current.get("host"), current.get("pid"), age,
+                            self.timeout_s - age)
+            watched = current
+            self.clock.sleep(min(self.interval_s, max(0.1, self.timeout_s - age + 0.1)))
         now = self.clock.time()
         record = {**self.me, "token": token, "run": self.name, "started": _iso(now), "heartbeat": now,
                   "heartbeat_iso": _iso(now), "timeout_s": self.timeout_s}
