@@ -292,9 +292,10 @@ def test_launcher_yaml_passes_rays_own_validation():
     raw = (CLUSTER / "aws.yaml").read_text()
     config = yaml.safe_load(raw)
     prepared = prepare_config(config)  # what `ray up` does: merge the AWS defaults, then validate
-    validate_config(prepared)
+    validate_config(prepared)  # the launcher's JSON schema, the docker section included
     assert set(re.findall(r"<<FILL:([A-Z0-9_]+)>>", raw)) == {
-        "AMI_ID", "HEAD_INSTANCE_PROFILE_ARN", "WORKER_INSTANCE_PROFILE_ARN", "YOUR_PUBLIC_IP"}
+        "AMI_ID", "HEAD_INSTANCE_PROFILE_ARN", "WORKER_INSTANCE_PROFILE_ARN", "IMAGE", "SECURITY_GROUP_ID",
+        "EFS_DNS_NAME"}
 
     types = config["available_node_types"]
     head = types[config["head_node_type"]]
@@ -307,11 +308,82 @@ def test_launcher_yaml_passes_rays_own_validation():
     worker_start = " ".join(config["worker_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in head_start
     assert "RAY_AUTH_MODE=token" in head_start and "RAY_AUTH_MODE=token" in worker_start
-    assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
-    assert "pip install --quiet -r ~/cape-ray/requirements.txt" in " ".join(config["setup_commands"])
     assert "spot_watch.sh" in worker_start
-    for local in config["file_mounts"].values():  # relative to the repository root
-        assert local.startswith("~") or (REPO / local).exists(), local
+    # The token directory (not the file: a bind-mounted file keeps its old inode after a rotation).
+    assert config["file_mounts"] == {"~/.ray": "~/.ray"}
+    assert "chmod 600 ~/.ray/auth_token" in config["setup_commands"]
+
+
+def test_launcher_nodes_run_the_image_and_install_nothing():
+    """Every node runs cluster/Dockerfile's image (Python >= 3.11, the runtime pins, no test
+    tools); no command on a node installs packages, so a replacement spot node only pulls."""
+    config = yaml.safe_load((CLUSTER / "aws.yaml").read_text())
+    docker = config["docker"]
+    assert docker["image"] == "<<FILL:IMAGE>>" and docker["container_name"] and docker["pull_before_run"]
+    assert "--gpus all" in docker["worker_run_options"] and "--gpus all" not in docker.get("head_run_options", [])
+    assert "-v /data/mp100:/data/mp100:ro" in docker["worker_run_options"]  # --data_root, read-only
+    commands = [c for key, value in config.items() if key.endswith("_commands") for c in value]
+    assert commands and not any(re.search(r"\b(pip|conda|uv) +install\b|apt(-get)? +install", c) for c in commands), \
+        commands
+    assert not any("venv" in c for c in commands)
+
+    dockerfile = (CLUSTER / "Dockerfile").read_text()
+    (base,) = re.findall(r"^FROM (\S+)", dockerfile, flags=re.M)
+    python = re.search(r"-py3(\d+)", base)
+    assert python and int(python.group(1)) >= 11, base  # what pyproject requires
+    pyproject = (REPO / "pyproject.toml").read_text()
+    assert re.search(r'^requires-python = ">=3\.11"$', pyproject, flags=re.M)
+    runtime = (REPO / "requirements.txt").read_text()
+    (ray_pin,) = re.findall(r"^ray\[[^]]*\]==(\S+)$", runtime, flags=re.M)
+    assert base.startswith(f"rayproject/ray:{ray_pin}-"), (base, ray_pin)
+    assert "RUN pip install --no-cache-dir -r requirements.txt" in dockerfile
+    assert "requirements-test" not in dockerfile
+    # spot_watch.sh is where worker_start_ray_commands run it: ~ is /home/ray in the image.
+    assert "WORKDIR /home/ray/cape-ray" in dockerfile and "cluster/spot_watch.sh ./cluster/spot_watch.sh" in dockerfile
+    assert "~/cape-ray/cluster/spot_watch.sh" in " ".join(config["worker_start_ray_commands"])
+
+
+def pins(path: Path) -> dict[str, str]:
+    found = {}
+    for line in path.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line and not line.startswith("-r"):
+            name, version = line.split("==")
+            found[name] = version
+    return found
+
+
+def test_requirements_split_keeps_test_tools_off_the_nodes():
+    runtime, test = pins(REPO / "requirements.txt"), pins(REPO / "requirements-test.txt")
+    assert {"torch", "ray[train,default]", "numpy", "pillow", "matplotlib"} <= set(runtime)
+    assert not {"pytest", "moto[server]"} & set(runtime)
+    assert set(test) == {"pytest", "moto[server]"} and not set(test) & set(runtime)  # one pin per package
+    assert "-r requirements.txt" in (REPO / "requirements-test.txt").read_text().splitlines()
+    setup = (REPO / "scripts" / "setup.sh").read_text()
+    assert "pip install --quiet -r requirements-test.txt" in setup  # local dev and tests get both
+
+
+def test_launcher_never_creates_a_security_group_open_to_the_world():
+    """The launcher's own group always allows SSH from 0.0.0.0/0. With a pre-made group on every
+    node type, Ray's security-group step must leave the config alone and call no EC2 API."""
+    from unittest import mock
+
+    from ray.autoscaler._private.aws import config as aws_config
+
+    # Why: what the launcher adds to a group it creates, whatever IpPermissions say.
+    rules = aws_config._create_default_inbound_rules({"sg-x"}, [{"IpProtocol": "tcp", "FromPort": 22,
+                                                                  "ToPort": 22, "IpRanges": [{"CidrIp": "1.2.3.4/32"}]}])
+    assert {"FromPort": 22, "ToPort": 22, "IpProtocol": "tcp", "IpRanges": [{"CidrIp": "0.0.0.0/0"}]} in rules
+
+    config = yaml.safe_load(fill_markers((CLUSTER / "aws.yaml").read_text()))
+    assert "security_group" not in config["provider"]
+    for node_type in config["available_node_types"].values():
+        assert node_type["node_config"]["SecurityGroupIds"] == ["security-group-id"]
+    forbidden = mock.Mock(side_effect=AssertionError("the launcher would create or change a security group"))
+    with mock.patch.object(aws_config, "_resource", forbidden), mock.patch.object(aws_config, "_client", forbidden):
+        configured = aws_config._configure_security_group(json.loads(json.dumps(config)))
+    for node_type in configured["available_node_types"].values():
+        assert node_type["node_config"]["SecurityGroupIds"] == ["security-group-id"]
 
 
 def test_rayjob_manifest_runs_the_documented_entrypoint():
@@ -325,7 +397,12 @@ def test_rayjob_manifest_runs_the_documented_entrypoint():
     entrypoint = shlex.split(spec["entrypoint"])
     assert entrypoint[:4] == ["python", "-m", "cape_ray", "train"]
     parser = build_parser()
-    config = config_from_args(parser.parse_args(entrypoint[3:]), parser)
+    args = parser.parse_args(entrypoint[3:])
+    # Named for MP-100, trains on it: the directory exists on the workers (the volume below), not
+    # here, so the rest of the flags are validated without it.
+    assert args.data_root == "/data/mp100" and args.mp100_split == 1
+    args.data_root = None
+    config = config_from_args(args, parser)
     assert config.name == "mp100-split1" and config.storage_path.startswith("s3://")
     assert config.use_gpu
 
@@ -335,9 +412,12 @@ def test_rayjob_manifest_runs_the_documented_entrypoint():
     readme_flags = shlex.split(example.replace('"s3://$BUCKET/cape-ray"', "s3://bucket/cape-ray"))
     assert readme_flags == entrypoint[4:]
 
-    # The token comes from the Secret on every Ray container and the submitter.
+    # The token comes from the Secret on every Ray container and the submitter, and the operator
+    # knows it too (authOptions), for its own calls to the job API.
     secret_name, key = secret["metadata"]["name"], next(iter(secret["stringData"]))
+    assert key == "auth_token"  # the key KubeRay reads from the Secret named in authOptions
     cluster = spec["rayClusterSpec"]
+    assert cluster["authOptions"] == {"mode": "token", "secretName": secret_name}
     pods = [cluster["headGroupSpec"]["template"], *[g["template"] for g in cluster["workerGroupSpecs"]],
             spec["submitterPodTemplate"]]
     envs = [c["env"] for pod in pods for c in pod["spec"]["containers"]] + [cluster["autoscalerOptions"]["env"]]
@@ -352,6 +432,47 @@ def test_rayjob_manifest_runs_the_documented_entrypoint():
     low, high = config.worker_range()
     assert gpu_groups[0]["maxReplicas"] >= high
     assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+
+    # --data_root is a read-only volume claim on every GPU worker.
+    for group in gpu_groups:
+        pod = group["template"]["spec"]
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        (mount,) = [m for m in pod["containers"][0]["volumeMounts"] if m["mountPath"] == "/data/mp100"]
+        assert mount.get("readOnly") is True
+        claim = volumes[mount["name"]]["persistentVolumeClaim"]
+        assert claim["claimName"] and claim["readOnly"] is True
+
+    # The head and the submitter stay off spot nodes; the GPU workers are the spot ones.
+    on_demand = {"eks.amazonaws.com/capacityType": "ON_DEMAND"}
+    assert cluster["headGroupSpec"]["template"]["spec"]["nodeSelector"] == on_demand
+    assert spec["submitterPodTemplate"]["spec"]["nodeSelector"] == on_demand
+    assert all(g["template"]["spec"]["nodeSelector"] == {"eks.amazonaws.com/capacityType": "SPOT"} for g in gpu_groups)
+
+
+def test_rayjob_manifest_fits_the_kuberay_crd_schema():
+    """Every key and value of the RayJob against the published RayJob CRD schema (KubeRay v1.6.0,
+    tests/fixtures/README.md): a misspelt or misplaced field would be dropped by the API server."""
+    from k8s_schema import problems, rayjob_problems, rayjob_schema
+
+    documents = [d for d in yaml.safe_load_all(fill_markers((CLUSTER / "rayjob.yaml").read_text())) if d]
+    (job,) = [d for d in documents if d["kind"] == "RayJob"]
+    assert rayjob_problems(job) == []
+
+    # The checker itself catches what it must: a misplaced authOptions (spec, not rayClusterSpec),
+    # a wrong type, an unparsable quantity, a missing required field, a value outside an enum.
+    broken = json.loads(json.dumps(job))
+    broken["spec"]["authOptions"] = broken["spec"]["rayClusterSpec"].pop("authOptions")
+    broken["spec"]["backoffLimit"] = "2"
+    worker = broken["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+    worker["resources"]["limits"]["memory"] = "28 gigabytes"
+    del worker["name"]
+    found = "\n".join(rayjob_problems(broken))
+    assert ".spec.authOptions: unknown field" in found
+    assert ".spec.backoffLimit: expected integer, got str" in found
+    assert "limits.memory: '28 gigabytes' does not match" in found
+    assert "containers[0]: required field 'name' is missing" in found
+    assert problems({"mode": "tokens"}, rayjob_schema()["properties"]["spec"]["properties"]["rayClusterSpec"]
+                    ["properties"]["authOptions"]) == [".mode: 'tokens' is not one of ['disabled', 'token']"]
 
 
 def test_nothing_binds_all_interfaces_without_saying_why():
