@@ -277,9 +277,12 @@ class DriverLease:
             stop = f"stop it (pid {record['pid']} on {record.get('host')})"
         else:
             stop = "stop it"
+        # On this machine a gone driver is seen at once (its pid); elsewhere only its lease expiring tells.
+        gone = "" if record.get("machine") == self.me.get("machine") else (
+            f", or if it is gone, rerun in {expires:.0f} s when its lease expires")
         return (f"run '{self.name}' ({self.where}) is being trained by another driver: host {record.get('host')}, "
                 f"pid {record.get('pid')}{job}, since {record.get('started')} (last heartbeat {age:.0f} s ago); "
-                f"{stop} first, or if it is gone, rerun in {expires:.0f} s when its lease expires")
+                f"{stop} first{gone}")
 
     # ------------------------------------------------------------------ protocol
     def acquire(self) -> None:
