@@ -341,6 +341,13 @@ def test_launcher_nodes_run_the_image_and_install_nothing():
     # spot_watch.sh is where worker_start_ray_commands run it: ~ is /home/ray in the image.
     assert "WORKDIR /home/ray/cape-ray" in dockerfile and "cluster/spot_watch.sh ./cluster/spot_watch.sh" in dockerfile
     assert "~/cape-ray/cluster/spot_watch.sh" in " ".join(config["worker_start_ray_commands"])
+    # The build context is only what the image copies (no .venv, runs/ or data sent to the builder).
+    ignore = (CLUSTER / "Dockerfile.dockerignore").read_text().splitlines()
+    assert "*" in ignore
+    sources = [p for s in re.findall(r"^COPY (?:--\S+ )*(.+) \S+$", dockerfile, flags=re.M) for p in s.split()]
+    assert {"requirements.txt", "pyproject.toml", "README.md", "cape_ray", "cluster/spot_watch.sh"} == set(sources)
+    for path in sources:
+        assert f"!{path}" in [l.rstrip("/") for l in ignore], f"{path} is not in the build context"
 
 
 def pins(path: Path) -> dict[str, str]:
