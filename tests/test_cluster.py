@@ -593,9 +593,14 @@ def test_spot_watch_drains_its_own_node_on_a_real_cluster(tmp_path):
     try:
         spot = cluster.add_worker("spot", cpus=1)
         wrapper = recording_ray(tmp_path, fail_first=1, then=str(BIN / "ray"))
+        # As on a node: the token only in ~/.ray/auth_token, token mode set by the script itself.
+        home = tmp_path / "home"
+        (home / ".ray").mkdir(parents=True)
+        (home / ".ray" / "auth_token").write_text(cluster.token)
+        env = {k: v for k, v in cluster.env.items() if not k.startswith("RAY_AUTH")}
         with MetadataService(notice_at=2, seconds_left=120) as imds:
-            env = {**cluster.env, "SPOT_WATCH_IMDS": imds.url, "RAY": str(wrapper), "SPOT_WATCH_INTERVAL_S": "0.2",
-                   "SPOT_WATCH_PYTHON": sys.executable, "SPOT_WATCH_TEMP_DIR": spot.temp_dir}
+            env.update(HOME=str(home), SPOT_WATCH_IMDS=imds.url, RAY=str(wrapper), SPOT_WATCH_INTERVAL_S="0.2",
+                       SPOT_WATCH_PYTHON=sys.executable, SPOT_WATCH_TEMP_DIR=spot.temp_dir)
             done = subprocess.run(["bash", str(CLUSTER / "spot_watch.sh"), cluster.gcs], env=env,
                                   capture_output=True, text=True, timeout=240)
         assert done.returncode == 0, done.stderr[-3000:]
