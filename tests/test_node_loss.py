@@ -20,7 +20,6 @@ with a logging, slowed train function), attached through RAY_ADDRESS like a clus
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
