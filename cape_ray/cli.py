@@ -82,8 +82,13 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
 def cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     config = config_from_args(args, parser)
     from cape_ray import job  # Ray is imported only once the flags are known to be valid
+    from cape_ray.lease import LeaseError
 
-    job.run(config)
+    try:
+        job.run(config)
+    except LeaseError as exc:  # another driver trains this run: one line, no traceback
+        print(f"cape-ray train: error: {exc}", file=sys.stderr)
+        return 3
     return 0
 
 

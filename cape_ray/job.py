@@ -2,7 +2,8 @@
 
 Local runs start Ray themselves; with RAY_ADDRESS set (or inside `ray job submit`) they attach to
 that cluster. The run name is always set: rerunning the same command with the same --name and
---storage_path resumes from Ray's snapshot in storage after a driver crash.
+--storage_path resumes from Ray's snapshot in storage after a driver crash. Only one driver trains a
+run at a time (cape_ray/lease.py): a second one is refused while the first is alive.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from cape_ray.callbacks import BestCheckpointExporter
 from cape_ray.checkpointer import RETENTION_KEY, retention_slots
 from cape_ray.config import TrainConfig
 from cape_ray.history import RunHistory
+from cape_ray.lease import DriverLease
 from cape_ray.worker import train_loop_per_worker
 
 
@@ -53,11 +55,13 @@ def run(config: TrainConfig, *, init_ray: bool = True) -> Result:
     if config.progress == "auto":
         # Workers never see a terminal; the driver does, and Ray draws worker bars on it.
         config = config.replace(progress="bar" if sys.stdout.isatty() else "lines")
-    if init_ray and not ray.is_initialized():
-        # ray.init() attaches to RAY_ADDRESS when set (a cluster, or inside `ray job submit`),
-        # and otherwise starts a local instance on this machine.
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=True)
-    result = build_trainer(config).fit()
+    # One driver per run: a second one refuses here, before Ray starts (cape_ray/lease.py).
+    with DriverLease(storage_uri(config), config.name):
+        if init_ray and not ray.is_initialized():
+            # ray.init() attaches to RAY_ADDRESS when set (a cluster, or inside `ray job submit`),
+            # and otherwise starts a local instance on this machine.
+            ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=True)
+        result = build_trainer(config).fit()
     print(summary(result), flush=True)
     return result
 

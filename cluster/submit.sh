@@ -8,6 +8,10 @@
 # submission gets a fresh submission id, "<name>-<UTC time>-<random>", so the same run can be
 # submitted again after a failure while Ray keeps every attempt's logs apart.
 #
+# While a job of the same run is PENDING or RUNNING on the cluster (say the connection dropped
+# after the first submission was accepted), submit.sh refuses and says how to follow that job:
+# a second driver would only be refused by the run's driver lease (cape_ray/lease.py).
+#
 # Options (before the train flags):
 #   --no-wait    return once the job is accepted (follow it with `ray job logs --follow ID`)
 #   --pip        install requirements.txt (minus Ray) into the job's runtime env on every node.
@@ -22,6 +26,10 @@
 #   RAY_AUTH_TOKEN       the cluster's token; otherwise the file RAY_AUTH_TOKEN_PATH or
 #                        ~/.ray/auth_token is read by Ray itself
 #   CAPE_EXTRA_EXCLUDES  more working-dir exclusions, comma-separated (gitignore syntax)
+#   PYTHON               the python that queries the job list (standard library only; python3)
+#
+# Written for bash 3.2 too (macOS /bin/bash): under `set -u` an empty array must be expanded as
+# ${a[@]+"${a[@]}"}, which bash before 4.4 otherwise reports as an unbound variable.
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -44,15 +52,14 @@ train_args=("$@")
 
 # The run name and storage decide what a resubmission resumes, so both must be explicit.
 name="" storage=""
-for ((i = 0; i < ${#train_args[@]}; i++)); do
-  arg=${train_args[i]}
-  next=${train_args[i + 1]:-}
-  case "$arg" in
-    --name) name=$next ;;
-    --name=*) name=${arg#--name=} ;;
-    --storage_path | --storage-path | --output_dir | --output-dir) storage=$next ;;
-    --storage_path=* | --storage-path=* | --output_dir=* | --output-dir=*) storage=${arg#*=} ;;
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --name) name=${2:-} ;;
+    --name=*) name=${1#--name=} ;;
+    --storage_path | --storage-path | --output_dir | --output-dir) storage=${2:-} ;;
+    --storage_path=* | --storage-path=* | --output_dir=* | --output-dir=*) storage=${1#*=} ;;
   esac
+  shift
 done
 [ -n "$name" ] || die "give --name RUN: resubmitting the same name resumes the run"
 [ -n "$storage" ] || die "give --storage_path s3://BUCKET/PREFIX (or a shared absolute path)"
@@ -82,8 +89,9 @@ submission_id="$safe_name-$(date -u +%Y%m%d-%H%M%S)-$suffix"
 # are gitignore syntax: a leading / anchors at the repository root, so /data/ does not catch the
 # cape_ray/data package.
 excludes='"/.git/", "/.venv/", "/venv/", "/runs/", "/data/", "/bench/out/", "__pycache__/", "*.egg-info/", ".pytest_cache/", "*.pt", "*.ckpt"'
+extra=()
 IFS=',' read -r -a extra <<< "${CAPE_EXTRA_EXCLUDES:-}"
-for pattern in "${extra[@]}"; do
+for pattern in ${extra[@]+"${extra[@]}"}; do
   pattern=$(printf '%s' "$pattern" | sed 's/^ *//; s/ *$//; s/\\/\\\\/g; s/"/\\"/g')
   [ -n "$pattern" ] && excludes+=", \"$pattern\""
 done
@@ -104,18 +112,47 @@ runtime_env+="}"
 command=(ray job submit --address "$address" --submission-id "$submission_id"
          --working-dir "$repo" --runtime-env-json "$runtime_env")
 [ "$wait_for_job" = 1 ] || command+=(--no-wait)
-command+=(-- python -m cape_ray train "${train_args[@]}")
+command+=(-- python -m cape_ray train ${train_args[@]+"${train_args[@]}"})
 
 if [ "$dry_run" = 1 ]; then
-  printf '%q ' "${command[@]}"
+  printf '%q ' ${command[@]+"${command[@]}"}
   echo
   exit 0
+fi
+
+# One job per run: list this run's jobs that are still PENDING or RUNNING (ids "<name>-<UTC
+# time>-<suffix>", as made above) through the job REST API. A concurrent submit.sh can slip past
+# this check; the run's driver lease then refuses the second driver.
+active=$("${PYTHON:-python3}" - "$address" "$safe_name" <<'PY'
+import json, os, re, sys, urllib.error, urllib.request
+address, name = sys.argv[1].rstrip("/"), sys.argv[2]
+token = os.environ.get("RAY_AUTH_TOKEN")
+if not token:
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
+    token = open(path).read().strip()
+request = urllib.request.Request(f"{address}/api/jobs/", headers={"Authorization": f"Bearer {token}"})
+try:
+    with urllib.request.urlopen(request, timeout=30) as response:
+        jobs = json.load(response)
+except urllib.error.HTTPError as error:
+    sys.exit(f"the job API at {address} answered HTTP {error.code} ({error.reason}): check the token")
+except (OSError, ValueError) as error:
+    sys.exit(f"cannot list the jobs at {address} ({error}): is the dashboard tunnel / port-forward up?")
+ours = re.compile(re.escape(name) + r"-\d{8}-\d{6}-")
+for job in jobs:
+    if ours.match(job.get("submission_id") or "") and job.get("status") in ("PENDING", "RUNNING"):
+        print(job["submission_id"], job["status"])
+PY
+) || die "not submitted: could not check for a running job of run '$name'"
+if [ -n "$active" ]; then
+  set -- $active
+  die "run '$name' already has job $1 ($2) on $address; follow it with: ray job logs --address $address --follow $1 (stop it with: ray job stop --address $address $1)"
 fi
 
 echo "submitting run '$name' as job $submission_id to $address" >&2
 # `ray job submit` streams the logs until the job ends and exits 1 if it FAILED; a STOPPED job
 # also exits 0 there, so the final status is checked explicitly.
-"${command[@]}"
+${command[@]+"${command[@]}"}
 if [ "$wait_for_job" = 1 ]; then
   # `ray job status` words it as "Job '<id>' succeeded" (or failed / was stopped).
   status=$(ray job status --address "$address" "$submission_id" 2>&1 \

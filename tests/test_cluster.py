@@ -1,9 +1,8 @@
 """The cluster files: a real token-protected head on loopback, and the configs checked by Ray itself.
 
-The head is a separate Ray instance (own ports, own temp dir) started with `ray start --head
---block`; it is stopped by signalling that process, which tears down the processes it started,
-and any leftover found by its temp dir is killed by PID. `ray stop` is never used: it would stop
-every Ray instance on the machine.
+The head (and a worker node where one is needed) is a separate Ray instance started with `ray start
+--block` by tests/loopback.py and stopped by signalling that process; `ray stop` is never used: it
+would stop every Ray instance on the machine.
 """
 
 from __future__ import annotations
@@ -11,17 +10,10 @@ from __future__ import annotations
 import json
 import os
 import re
-import secrets
 import shlex
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -29,10 +21,10 @@ import yaml
 
 from cape_ray import checkpoint as ckpt
 from cape_ray.cli import build_parser, config_from_args
+from loopback import BIN, LoopbackCluster, http_get
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
-BIN = Path(sys.executable).parent
 
 # A tiny run: 1 worker, 4 steps per epoch, 2 epochs (as small as tests/test_ray_job.py's BASE).
 TINY_FLAGS = [
@@ -45,108 +37,17 @@ TINY_FLAGS = [
 
 
 # ----------------------------------------------------------------------------- a real head
-def free_ports(count: int) -> list[int]:
-    sockets = []
-    try:
-        for _ in range(count):
-            sock = socket.socket()
-            sock.bind(("127.0.0.1", 0))
-            sockets.append(sock)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
-def processes_under(temp_dir: str) -> list[int]:
-    """PIDs whose command line names `temp_dir` (every process of that head does)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if temp_dir in cmdline:
-            pids.append(int(entry.name))
-    return pids
-
-
-def http_get(url: str, token: str | None = None) -> tuple[int, str]:
-    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
-    try:
-        with urllib.request.urlopen(request, timeout=5) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read().decode()
-
-
-class Head:
-    def __init__(self, dashboard: str, gcs: str, token: str, env: dict, temp_dir: str):
-        self.dashboard, self.gcs, self.token, self.env, self.temp_dir = dashboard, gcs, token, env, temp_dir
-
-
 @pytest.fixture(scope="module")
 def head():
-    # A short temp dir: Ray's unix socket paths under it must stay below the OS limit.
-    temp_dir = tempfile.mkdtemp(prefix="caperay_", dir="/tmp")
-    (gcs_port, dashboard_port, client_port, node_manager_port, object_manager_port, agent_listen_port,
-     agent_grpc_port, runtime_env_port, metrics_port) = free_ports(9)
-    token = secrets.token_hex(32)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH", "RAY_ADDRESS"))}
-    env.update(
-        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",  # `ray` and the job's `python` are this venv's
-        RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token,
-        RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",  # stop at once on SIGTERM
-        RAY_USAGE_STATS_ENABLED="0",
-    )
-    command = [
-        str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
-        "--port", str(gcs_port), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port),
-        "--ray-client-server-port", str(client_port), "--node-manager-port", str(node_manager_port),
-        "--object-manager-port", str(object_manager_port),
-        "--dashboard-agent-listen-port", str(agent_listen_port),
-        "--dashboard-agent-grpc-port", str(agent_grpc_port),
-        "--runtime-env-agent-port", str(runtime_env_port), "--metrics-export-port", str(metrics_port),
-        "--num-cpus", "2", "--num-gpus", "0", "--temp-dir", temp_dir, "--disable-usage-stats",
-    ]
-    log_path = Path(temp_dir, "ray_start.log")
-    log = open(log_path, "w")
-    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    dashboard = f"http://127.0.0.1:{dashboard_port}"
+    """A token-protected head on loopback (tests/loopback.py): its own ports, temp dir and HOME."""
+    cluster = LoopbackCluster(head_cpus=2)
     try:
-        deadline = time.time() + 120
-        while True:
-            assert process.poll() is None, "ray start exited:\n" + log_path.read_text()[-3000:]
-            assert time.time() < deadline, "the head's job API never came up:\n" + log_path.read_text()[-3000:]
-            try:
-                if http_get(f"{dashboard}/api/jobs/", token)[0] == 200:
-                    break
-            except OSError:
-                pass
-            time.sleep(1)
-        yield Head(dashboard, f"127.0.0.1:{gcs_port}", token, env, temp_dir)
+        yield cluster
     finally:
-        process.send_signal(signal.SIGTERM)  # `ray start --block` then stops what it started
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        log.close()
-        deadline = time.time() + 20
-        while processes_under(temp_dir) and time.time() < deadline:
-            time.sleep(0.5)
-        for pid in processes_under(temp_dir):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        cluster.close()
 
 
-def jobs(head: Head) -> list[dict]:
+def jobs(head: LoopbackCluster) -> list[dict]:
     status, body = http_get(f"{head.dashboard}/api/jobs/", head.token)
     assert status == 200, body
     return json.loads(body)
@@ -154,6 +55,7 @@ def jobs(head: Head) -> list[dict]:
 
 @pytest.mark.slow
 def test_submission_without_the_token_is_refused(head, tmp_path):
+    before = {j["submission_id"] for j in jobs(head)}
     # A client that sends no token (auth mode off on its side, no token anywhere): the head refuses.
     env = {k: v for k, v in head.env.items() if not k.startswith("RAY_AUTH")}
     env.update(HOME=str(tmp_path), RAY_AUTH_MODE="disabled")
@@ -178,7 +80,7 @@ def test_submission_without_the_token_is_refused(head, tmp_path):
                            capture_output=True, text=True, timeout=120)
     assert wrong.returncode != 0
     assert "403" in wrong.stdout + wrong.stderr or "invalid" in (wrong.stdout + wrong.stderr).lower()
-    assert jobs(head) == [], "a refused submission must not create a job"
+    assert {j["submission_id"] for j in jobs(head)} == before, "a refused submission must not create a job"
 
 
 @pytest.mark.slow
@@ -191,7 +93,7 @@ def test_submit_sh_with_the_token_runs_the_real_entrypoint(head, tmp_path):
     assert submitted.returncode == 0, output[-5000:]
     assert re.search(r"job authrun-\d{8}-\d{6}-[0-9a-f]+: SUCCEEDED", output), output[-3000:]
 
-    (job,) = jobs(head)
+    (job,) = [j for j in jobs(head) if (j["submission_id"] or "").startswith("authrun-")]
     assert job["status"] == "SUCCEEDED"
     assert job["submission_id"].startswith("authrun-")
     assert job["entrypoint"].startswith("python -m cape_ray train --name authrun --storage_path ")
@@ -214,9 +116,110 @@ def test_submit_sh_with_the_token_runs_the_real_entrypoint(head, tmp_path):
     assert again.returncode == 0, output[-5000:]
     assert "RESUMING FROM CHECKPOINT" in output, output[-3000:]
     assert "Checkpoint: checkpoint_e002_lr3e-3_bs2_acc2_qpe2  [" in output, output[-3000:]
-    assert len({j["submission_id"] for j in jobs(head)}) == 2
+    # a finished job of the run does not block its resubmission
+    assert len({j["submission_id"] for j in jobs(head) if (j["submission_id"] or "").startswith("authrun-")}) == 2
     final = ckpt.load_checkpoint(run_dir / "checkpoint_e003_lr3e-3_bs2_acc2_qpe2")
     assert [h["epoch"] for h in final.state["history"]] == [1, 2, 3]
+
+
+def job_api(head: LoopbackCluster, method: str, path: str, body: dict | None = None) -> dict:
+    import urllib.request
+
+    request = urllib.request.Request(f"{head.dashboard}{path}", method=method,
+                                     data=json.dumps(body).encode() if body is not None else None,
+                                     headers={"Authorization": f"Bearer {head.token}",
+                                              "Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read() or b"{}")
+
+
+@pytest.mark.slow
+def test_submit_sh_refuses_while_a_job_of_the_run_is_running(head, tmp_path):
+    """A resubmission after a dropped connection: the first job still runs, so submit.sh must not
+    start a second driver; it names the running job and how to follow it. Jobs of other runs,
+    even ones whose names start alike, do not count."""
+    sleepers = {"busyrun": "busyrun-20260101-000000-aa", "busyrun-b": "busyrun-b-20260101-000000-bb"}
+    for submission_id in sleepers.values():
+        job_api(head, "POST", "/api/jobs/", {"entrypoint": "python -c 'import time; time.sleep(300)'",
+                                             "submission_id": submission_id})
+    try:
+        deadline = time.time() + 120
+        while {j["submission_id"]: j["status"] for j in jobs(head)}.get(sleepers["busyrun"]) != "RUNNING":
+            assert time.time() < deadline, "the stand-in job never started"
+            time.sleep(0.5)
+        env = {**head.env, "RAY_ADDRESS": head.dashboard, "HOME": str(tmp_path), "CAPE_EXTRA_EXCLUDES": ""}
+        before = {j["submission_id"] for j in jobs(head)}
+        for name, running in sleepers.items():
+            refused = subprocess.run([str(CLUSTER / "submit.sh"), "--no-wait", "--name", name,
+                                      "--storage_path", str(tmp_path / "runs"), *TINY_FLAGS],
+                                     env=env, capture_output=True, text=True, timeout=120)
+            assert refused.returncode != 0
+            message = refused.stderr.strip().splitlines()[-1]
+            assert message.startswith(f"submit.sh: run '{name}' already has job {running} (")
+            assert f"ray job logs --address {head.dashboard} --follow {running}" in message
+            others = set(sleepers.values()) - {running}
+            assert not any(other in refused.stderr for other in others), refused.stderr
+        assert {j["submission_id"] for j in jobs(head)} == before, "a refused submission created a job"
+        assert not (tmp_path / "runs").exists()
+    finally:
+        for submission_id in sleepers.values():
+            job_api(head, "POST", f"/api/jobs/{submission_id}/stop")
+
+
+@pytest.mark.slow
+def test_a_second_driver_on_a_training_run_fails_fast(head, tmp_path):
+    """Two `python -m cape_ray train` on one run: the second exits non-zero within seconds, naming
+    the run and the first driver (host, pid, since), while the first trains on and finishes."""
+    import socket
+
+    storage = tmp_path / "runs"
+    env = {**head.env, "RAY_ADDRESS": head.gcs, "HOME": str(tmp_path)}
+    # 200 steps per epoch (about 15 s here) with a checkpoint every 50: long enough to be caught training.
+    command = [sys.executable, "-m", "cape_ray", "train", "--name", "dup", "--storage_path", str(storage),
+               *TINY_FLAGS, "--episodes_per_epoch", "800", "--checkpoint_every_steps", "50"]
+    log = open(tmp_path / "first.log", "w")
+    first = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    try:
+        run_dir = storage / "dup"
+        deadline = time.time() + 300
+        while not any(p.name.startswith("checkpoint_") for p in run_dir.glob("checkpoint_*")):
+            assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            assert time.time() < deadline, "the first driver never wrote a checkpoint"
+            time.sleep(0.2)
+        lease = json.loads((run_dir / "driver_lease.json").read_text())
+        assert lease["pid"] == first.pid
+
+        started = time.time()
+        second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120, cwd=REPO)
+        took = time.time() - started
+        assert second.returncode == 3, second.stdout[-2000:] + second.stderr[-2000:]
+        error = second.stderr.strip().splitlines()[-1]
+        assert error.startswith("cape-ray train: error: run 'dup' (")
+        assert f"host {socket.gethostname()}, pid {first.pid}, since {lease['started']}" in error
+        assert "RESUMING" not in second.stdout + second.stderr and "epoch" not in second.stdout
+        assert took < 30, f"the second driver took {took:.0f} s to give up"
+        assert first.poll() is None, "the first driver did not survive the second one's attempt"
+        seen = {p.name for p in run_dir.glob("checkpoint_*")}
+        while not {p.name for p in run_dir.glob("checkpoint_*")} - seen:  # ... and trains on
+            assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            time.sleep(0.2)
+
+        assert first.wait(timeout=400) == 0, (tmp_path / "first.log").read_text()[-3000:]
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+        log.close()
+    assert not (run_dir / "driver_lease.json").exists()  # released at the end
+    names = sorted(p.name for p in run_dir.iterdir() if p.is_dir() and p.name.startswith("checkpoint_"))
+    assert "checkpoint_e002_lr3e-3_bs2_acc2_qpe2" in names
+    assert any(n.startswith("checkpoint_best_pck_") for n in names)
+    assert any(n.startswith("checkpoint_best_loss_") for n in names)
+    for name in names:
+        assert ckpt.verify_checkpoint(run_dir / name) == [], name
+    final = ckpt.load_checkpoint(run_dir / "checkpoint_e002_lr3e-3_bs2_acc2_qpe2")
+    assert [h["epoch"] for h in final.state["history"]] == [1, 2]
+    assert final.state["position"]["global_step"] == 400  # one driver's steps, none twice
 
 
 # ----------------------------------------------------------------------------- submit.sh, offline
@@ -260,6 +263,24 @@ def test_submit_sh_refuses_what_would_break_a_resume(tmp_path):
     assert no_token.returncode != 0 and "auth token" in no_token.stderr
 
 
+def test_submit_sh_keeps_to_bash_3_2_with_empty_arrays():
+    """macOS /bin/bash is 3.2: there, under `set -u`, "${a[@]}" of an empty array is an unbound
+    variable (fixed in bash 4.4, so no newer bash shows it). Every array expansion must be the
+    guarded ${a[@]+"${a[@]}"}; and the empty-excludes path must run."""
+    code = "\n".join(line for line in (CLUSTER / "submit.sh").read_text().splitlines()
+                     if not line.lstrip().startswith("#"))
+    guarded = re.sub(r'\$\{(\w+)\[@\]\+"\$\{\1\[@\]\}"\}', "GUARDED", code)
+    bare = re.findall(r'\$\{\w+\[[@*]\]\}', guarded)
+    assert not bare, f"unguarded array expansions (unbound on bash < 4.4 when empty): {bare}"
+
+    for excludes in ("", " , ", "extra/"):
+        result = dry_run("--name", "a", "--storage_path", "/nfs", env={"CAPE_EXTRA_EXCLUDES": excludes})
+        assert result.returncode == 0 and "unbound variable" not in result.stderr, result.stderr
+        runtime_env = json.loads(shlex.split(result.stdout)[shlex.split(result.stdout).index("--runtime-env-json") + 1])
+        assert ("extra/" in runtime_env["excludes"]) == (excludes == "extra/")
+        assert "" not in runtime_env["excludes"]
+
+
 # ----------------------------------------------------------------------------- config files
 def fill_markers(text: str) -> str:
     """Stand-ins for the <<FILL:...>> values a user supplies."""
@@ -272,9 +293,10 @@ def test_launcher_yaml_passes_rays_own_validation():
     raw = (CLUSTER / "aws.yaml").read_text()
     config = yaml.safe_load(raw)
     prepared = prepare_config(config)  # what `ray up` does: merge the AWS defaults, then validate
-    validate_config(prepared)
+    validate_config(prepared)  # the launcher's JSON schema, the docker section included
     assert set(re.findall(r"<<FILL:([A-Z0-9_]+)>>", raw)) == {
-        "AMI_ID", "HEAD_INSTANCE_PROFILE_ARN", "WORKER_INSTANCE_PROFILE_ARN", "YOUR_PUBLIC_IP"}
+        "AMI_ID", "HEAD_INSTANCE_PROFILE_ARN", "WORKER_INSTANCE_PROFILE_ARN", "IMAGE", "SECURITY_GROUP_ID",
+        "EFS_DNS_NAME"}
 
     types = config["available_node_types"]
     head = types[config["head_node_type"]]
@@ -287,11 +309,89 @@ def test_launcher_yaml_passes_rays_own_validation():
     worker_start = " ".join(config["worker_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in head_start
     assert "RAY_AUTH_MODE=token" in head_start and "RAY_AUTH_MODE=token" in worker_start
-    assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
-    assert "pip install --quiet -r ~/cape-ray/requirements.txt" in " ".join(config["setup_commands"])
     assert "spot_watch.sh" in worker_start
-    for local in config["file_mounts"].values():  # relative to the repository root
-        assert local.startswith("~") or (REPO / local).exists(), local
+    # The token directory (not the file: a bind-mounted file keeps its old inode after a rotation).
+    assert config["file_mounts"] == {"~/.ray": "~/.ray"}
+    assert "chmod 600 ~/.ray/auth_token" in config["setup_commands"]
+
+
+def test_launcher_nodes_run_the_image_and_install_nothing():
+    """Every node runs cluster/Dockerfile's image (Python >= 3.11, the runtime pins, no test
+    tools); no command on a node installs packages, so a replacement spot node only pulls."""
+    config = yaml.safe_load((CLUSTER / "aws.yaml").read_text())
+    docker = config["docker"]
+    assert docker["image"] == "<<FILL:IMAGE>>" and docker["container_name"] and docker["pull_before_run"]
+    assert "--gpus all" in docker["worker_run_options"] and "--gpus all" not in docker.get("head_run_options", [])
+    assert "-v /data/mp100:/data/mp100:ro" in docker["worker_run_options"]  # --data_root, read-only
+    commands = [c for key, value in config.items() if key.endswith("_commands") for c in value]
+    assert commands and not any(re.search(r"\b(pip|conda|uv) +install\b|apt(-get)? +install", c) for c in commands), \
+        commands
+    assert not any("venv" in c for c in commands)
+
+    dockerfile = (CLUSTER / "Dockerfile").read_text()
+    (base,) = re.findall(r"^FROM (\S+)", dockerfile, flags=re.M)
+    python = re.search(r"-py3(\d+)", base)
+    assert python and int(python.group(1)) >= 11, base  # what pyproject requires
+    pyproject = (REPO / "pyproject.toml").read_text()
+    assert re.search(r'^requires-python = ">=3\.11"$', pyproject, flags=re.M)
+    runtime = (REPO / "requirements.txt").read_text()
+    (ray_pin,) = re.findall(r"^ray\[[^]]*\]==(\S+)$", runtime, flags=re.M)
+    assert base.startswith(f"rayproject/ray:{ray_pin}-"), (base, ray_pin)
+    assert "RUN pip install --no-cache-dir -r requirements.txt" in dockerfile
+    assert "requirements-test" not in dockerfile
+    # spot_watch.sh is where worker_start_ray_commands run it: ~ is /home/ray in the image.
+    assert "WORKDIR /home/ray/cape-ray" in dockerfile and "cluster/spot_watch.sh ./cluster/spot_watch.sh" in dockerfile
+    assert "~/cape-ray/cluster/spot_watch.sh" in " ".join(config["worker_start_ray_commands"])
+    # The build context is only what the image copies (no .venv, runs/ or data sent to the builder).
+    ignore = (CLUSTER / "Dockerfile.dockerignore").read_text().splitlines()
+    assert "*" in ignore
+    sources = [p for s in re.findall(r"^COPY (?:--\S+ )*(.+) \S+$", dockerfile, flags=re.M) for p in s.split()]
+    assert {"requirements.txt", "pyproject.toml", "README.md", "cape_ray", "cluster/spot_watch.sh"} == set(sources)
+    for path in sources:
+        assert f"!{path}" in [l.rstrip("/") for l in ignore], f"{path} is not in the build context"
+
+
+def pins(path: Path) -> dict[str, str]:
+    found = {}
+    for line in path.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line and not line.startswith("-r"):
+            name, version = line.split("==")
+            found[name] = version
+    return found
+
+
+def test_requirements_split_keeps_test_tools_off_the_nodes():
+    runtime, test = pins(REPO / "requirements.txt"), pins(REPO / "requirements-test.txt")
+    assert {"torch", "ray[train,default]", "numpy", "pillow", "matplotlib"} <= set(runtime)
+    assert not {"pytest", "moto[server]"} & set(runtime)
+    assert set(test) == {"pytest", "moto[server]"} and not set(test) & set(runtime)  # one pin per package
+    assert "-r requirements.txt" in (REPO / "requirements-test.txt").read_text().splitlines()
+    setup = (REPO / "scripts" / "setup.sh").read_text()
+    assert "pip install --quiet -r requirements-test.txt" in setup  # local dev and tests get both
+
+
+def test_launcher_never_creates_a_security_group_open_to_the_world():
+    """The launcher's own group always allows SSH from 0.0.0.0/0. With a pre-made group on every
+    node type, Ray's security-group step must leave the config alone and call no EC2 API."""
+    from unittest import mock
+
+    from ray.autoscaler._private.aws import config as aws_config
+
+    # Why: what the launcher adds to a group it creates, whatever IpPermissions say.
+    rules = aws_config._create_default_inbound_rules({"sg-x"}, [{"IpProtocol": "tcp", "FromPort": 22,
+                                                                  "ToPort": 22, "IpRanges": [{"CidrIp": "1.2.3.4/32"}]}])
+    assert {"FromPort": 22, "ToPort": 22, "IpProtocol": "tcp", "IpRanges": [{"CidrIp": "0.0.0.0/0"}]} in rules
+
+    config = yaml.safe_load(fill_markers((CLUSTER / "aws.yaml").read_text()))
+    assert "security_group" not in config["provider"]
+    for node_type in config["available_node_types"].values():
+        assert node_type["node_config"]["SecurityGroupIds"] == ["security-group-id"]
+    forbidden = mock.Mock(side_effect=AssertionError("the launcher would create or change a security group"))
+    with mock.patch.object(aws_config, "_resource", forbidden), mock.patch.object(aws_config, "_client", forbidden):
+        configured = aws_config._configure_security_group(json.loads(json.dumps(config)))
+    for node_type in configured["available_node_types"].values():
+        assert node_type["node_config"]["SecurityGroupIds"] == ["security-group-id"]
 
 
 def test_rayjob_manifest_runs_the_documented_entrypoint():
@@ -305,7 +405,12 @@ def test_rayjob_manifest_runs_the_documented_entrypoint():
     entrypoint = shlex.split(spec["entrypoint"])
     assert entrypoint[:4] == ["python", "-m", "cape_ray", "train"]
     parser = build_parser()
-    config = config_from_args(parser.parse_args(entrypoint[3:]), parser)
+    args = parser.parse_args(entrypoint[3:])
+    # Named for MP-100, trains on it: the directory exists on the workers (the volume below), not
+    # here, so the rest of the flags are validated without it.
+    assert args.data_root == "/data/mp100" and args.mp100_split == 1
+    args.data_root = None
+    config = config_from_args(args, parser)
     assert config.name == "mp100-split1" and config.storage_path.startswith("s3://")
     assert config.use_gpu
 
@@ -315,9 +420,12 @@ def test_rayjob_manifest_runs_the_documented_entrypoint():
     readme_flags = shlex.split(example.replace('"s3://$BUCKET/cape-ray"', "s3://bucket/cape-ray"))
     assert readme_flags == entrypoint[4:]
 
-    # The token comes from the Secret on every Ray container and the submitter.
+    # The token comes from the Secret on every Ray container and the submitter, and the operator
+    # knows it too (authOptions), for its own calls to the job API.
     secret_name, key = secret["metadata"]["name"], next(iter(secret["stringData"]))
+    assert key == "auth_token"  # the key KubeRay reads from the Secret named in authOptions
     cluster = spec["rayClusterSpec"]
+    assert cluster["authOptions"] == {"mode": "token", "secretName": secret_name}
     pods = [cluster["headGroupSpec"]["template"], *[g["template"] for g in cluster["workerGroupSpecs"]],
             spec["submitterPodTemplate"]]
     envs = [c["env"] for pod in pods for c in pod["spec"]["containers"]] + [cluster["autoscalerOptions"]["env"]]
@@ -332,6 +440,47 @@ def test_rayjob_manifest_runs_the_documented_entrypoint():
     low, high = config.worker_range()
     assert gpu_groups[0]["maxReplicas"] >= high
     assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+
+    # --data_root is a read-only volume claim on every GPU worker.
+    for group in gpu_groups:
+        pod = group["template"]["spec"]
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        (mount,) = [m for m in pod["containers"][0]["volumeMounts"] if m["mountPath"] == "/data/mp100"]
+        assert mount.get("readOnly") is True
+        claim = volumes[mount["name"]]["persistentVolumeClaim"]
+        assert claim["claimName"] and claim["readOnly"] is True
+
+    # The head and the submitter stay off spot nodes; the GPU workers are the spot ones.
+    on_demand = {"eks.amazonaws.com/capacityType": "ON_DEMAND"}
+    assert cluster["headGroupSpec"]["template"]["spec"]["nodeSelector"] == on_demand
+    assert spec["submitterPodTemplate"]["spec"]["nodeSelector"] == on_demand
+    assert all(g["template"]["spec"]["nodeSelector"] == {"eks.amazonaws.com/capacityType": "SPOT"} for g in gpu_groups)
+
+
+def test_rayjob_manifest_fits_the_kuberay_crd_schema():
+    """Every key and value of the RayJob against the published RayJob CRD schema (KubeRay v1.6.0,
+    tests/fixtures/README.md): a misspelt or misplaced field would be dropped by the API server."""
+    from k8s_schema import problems, rayjob_problems, rayjob_schema
+
+    documents = [d for d in yaml.safe_load_all(fill_markers((CLUSTER / "rayjob.yaml").read_text())) if d]
+    (job,) = [d for d in documents if d["kind"] == "RayJob"]
+    assert rayjob_problems(job) == []
+
+    # The checker itself catches what it must: a misplaced authOptions (spec, not rayClusterSpec),
+    # a wrong type, an unparsable quantity, a missing required field, a value outside an enum.
+    broken = json.loads(json.dumps(job))
+    broken["spec"]["authOptions"] = broken["spec"]["rayClusterSpec"].pop("authOptions")
+    broken["spec"]["backoffLimit"] = "2"
+    worker = broken["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+    worker["resources"]["limits"]["memory"] = "28 gigabytes"
+    del worker["name"]
+    found = "\n".join(rayjob_problems(broken))
+    assert ".spec.authOptions: unknown field" in found
+    assert ".spec.backoffLimit: expected integer, got str" in found
+    assert "limits.memory: '28 gigabytes' does not match" in found
+    assert "containers[0]: required field 'name' is missing" in found
+    assert problems({"mode": "tokens"}, rayjob_schema()["properties"]["spec"]["properties"]["rayClusterSpec"]
+                    ["properties"]["authOptions"]) == [".mode: 'tokens' is not one of ['disabled', 'token']"]
 
 
 def test_nothing_binds_all_interfaces_without_saying_why():
@@ -352,51 +501,122 @@ def test_shell_scripts_parse():
         assert os.access(CLUSTER / script, os.X_OK), f"{script} is not executable"
 
 
+class MetadataService:
+    """A stand-in for the EC2 metadata service (IMDSv2) on loopback: the spot notice appears at
+    the `notice_at`-th poll, for a termination `seconds_left` ahead."""
+
+    def __init__(self, notice_at: int = 3, seconds_left: int = 90):
+        import datetime
+        import http.server
+        import threading
+
+        self.polls = 0
+        when = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=seconds_left)
+        self.notice = json.dumps({"action": "terminate", "time": when.strftime("%Y-%m-%dT%H:%M:%SZ")})
+        service = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_PUT(self):  # IMDSv2 session token
+                self._answer(200, "session") if self.path == "/latest/api/token" else self._answer(404, "")
+
+            def do_GET(self):
+                if self.headers.get("X-aws-ec2-metadata-token") != "session":
+                    return self._answer(401, "")
+                if self.path == "/latest/meta-data/spot/instance-action":
+                    service.polls += 1
+                    return self._answer(200, service.notice) if service.polls >= notice_at else self._answer(404, "")
+                self._answer(404, "")
+
+            def _answer(self, code, body):
+                self.send_response(code)
+                self.end_headers()
+                self.wfile.write(body.encode())
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/latest"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+
+
+def recording_ray(tmp_path: Path, fail_first: int, then: str = "") -> Path:
+    """A `ray` that records each call's arguments and auth mode, fails the first `fail_first`
+    drain calls, then runs `then` (e.g. the real ray) or succeeds."""
+    script = tmp_path / "ray"
+    script.write_text(
+        "#!/bin/sh\n"
+        f'n=$(cat {tmp_path}/calls 2>/dev/null || echo 0); n=$((n + 1)); echo $n > {tmp_path}/calls\n'
+        f'echo "$RAY_AUTH_MODE" > {tmp_path}/mode\n'
+        f'printf "%s\\n" "$@" > {tmp_path}/args_$n\n'
+        f'[ "$n" -gt {fail_first} ] || {{ echo "drain failed (attempt $n)" >&2; exit 1; }}\n'
+        + (f'exec {then} "$@"\n' if then else "exit 0\n"))
+    script.chmod(0o755)
+    return script
+
+
 def test_spot_watch_drains_the_node_on_an_interruption_notice(tmp_path):
-    """spot_watch.sh against a stand-in for the EC2 metadata service and a recording `ray`."""
-    import datetime
-    import http.server
-    import threading
-
-    polls = {"count": 0}
-    deadline = (datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=90))
-    notice = json.dumps({"action": "terminate", "time": deadline.strftime("%Y-%m-%dT%H:%M:%SZ")})
-
-    class Metadata(http.server.BaseHTTPRequestHandler):
-        def do_PUT(self):  # IMDSv2 session token
-            self._answer(200, "session") if self.path == "/latest/api/token" else self._answer(404, "")
-
-        def do_GET(self):
-            if self.headers.get("X-aws-ec2-metadata-token") != "session":
-                return self._answer(401, "")
-            if self.path == "/latest/meta-data/spot/instance-action":
-                polls["count"] += 1
-                return self._answer(200, notice) if polls["count"] >= 3 else self._answer(404, "")
-            self._answer(404, "")
-
-        def _answer(self, code, body):
-            self.send_response(code)
-            self.end_headers()
-            self.wfile.write(body.encode())
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Metadata)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    fake_ray = tmp_path / "ray"
-    fake_ray.write_text(f'#!/bin/sh\necho "$RAY_AUTH_MODE" > {tmp_path}/mode\nprintf "%s\\n" "$@" > {tmp_path}/args\n')
-    fake_ray.chmod(0o755)
-    try:
-        env = {**os.environ, "SPOT_WATCH_IMDS": f"http://127.0.0.1:{server.server_address[1]}/latest",
-               "RAY": str(fake_ray), "SPOT_WATCH_INTERVAL_S": "0.1"}
-        subprocess.run(["bash", str(CLUSTER / "spot_watch.sh"), "10.0.0.1:6379"], env=env, check=True,
-                       capture_output=True, timeout=60)
-    finally:
-        server.shutdown()
-    assert polls["count"] == 3  # kept polling through the 404s, stopped at the notice
-    args = (tmp_path / "args").read_text().splitlines()
-    assert args[:3] == ["drain-node", "--address", "10.0.0.1:6379"]
-    assert args[args.index("--reason") + 1] == "DRAIN_NODE_REASON_PREEMPTION"
-    assert 80 <= int(args[args.index("--deadline-remaining-seconds") + 1]) <= 90
+    """spot_watch.sh against the stand-in metadata service and a recording `ray` that fails the
+    first two drains: it keeps polling through the 404s, then retries the drain until it succeeds."""
+    fake_ray = recording_ray(tmp_path, fail_first=2)
+    with MetadataService(notice_at=3, seconds_left=90) as imds:
+        env = {**os.environ, "SPOT_WATCH_IMDS": imds.url, "RAY": str(fake_ray), "SPOT_WATCH_INTERVAL_S": "0.1",
+               "SPOT_WATCH_NODE_ID": "ab" * 28}
+        started = time.time()
+        done = subprocess.run(["bash", str(CLUSTER / "spot_watch.sh"), "10.0.0.1:6379"], env=env,
+                              capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert imds.polls == 3  # kept polling through the 404s, stopped at the notice
+    assert (tmp_path / "calls").read_text().strip() == "3"  # two failed drains, then success
+    assert time.time() - started >= 3  # backoff 1 s + 2 s between the attempts
+    for attempt in (1, 2, 3):
+        args = (tmp_path / f"args_{attempt}").read_text().splitlines()
+        assert args[:5] == ["drain-node", "--address", "10.0.0.1:6379", "--node-id", "ab" * 28]
+        assert args[args.index("--reason") + 1] == "DRAIN_NODE_REASON_PREEMPTION"
+        # the deadline: the notice's termination time (90 s) minus the 15 s margin
+        assert 65 <= int(args[args.index("--deadline-remaining-seconds") + 1]) <= 75
     assert (tmp_path / "mode").read_text().strip() == "token"
+    assert "retrying in 1s" in done.stderr and "retrying in 2s" in done.stderr
+
+
+@pytest.mark.slow
+def test_spot_watch_drains_its_own_node_on_a_real_cluster(tmp_path):
+    """The real `ray drain-node` against a real head: spot_watch.sh on a worker node resolves that
+    node's id (the head shares its IP: only the temp dir tells them apart), the first drain fails
+    and is retried, and the GCS records the node as drained for preemption."""
+    cluster = LoopbackCluster(head_cpus=0)
+    try:
+        spot = cluster.add_worker("spot", cpus=1)
+        wrapper = recording_ray(tmp_path, fail_first=1, then=str(BIN / "ray"))
+        # As on a node: the token only in ~/.ray/auth_token, token mode set by the script itself.
+        home = tmp_path / "home"
+        (home / ".ray").mkdir(parents=True)
+        (home / ".ray" / "auth_token").write_text(cluster.token)
+        env = {k: v for k, v in cluster.env.items() if not k.startswith("RAY_AUTH")}
+        with MetadataService(notice_at=2, seconds_left=120) as imds:
+            env.update(HOME=str(home), SPOT_WATCH_IMDS=imds.url, RAY=str(wrapper), SPOT_WATCH_INTERVAL_S="0.2",
+                       SPOT_WATCH_PYTHON=sys.executable, SPOT_WATCH_TEMP_DIR=spot.temp_dir)
+            done = subprocess.run(["bash", str(CLUSTER / "spot_watch.sh"), cluster.gcs], env=env,
+                                  capture_output=True, text=True, timeout=240)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert f"this is Ray node {spot.node_id}" in done.stderr, done.stderr[-3000:]
+        assert (tmp_path / "calls").read_text().strip() == "2"
+        args = (tmp_path / "args_2").read_text().splitlines()
+        assert args[args.index("--node-id") + 1] == spot.node_id
+
+        # An idle node drained for preemption leaves at once; the GCS says why.
+        deadline = time.time() + 60
+        while cluster.node_info(spot)["alive"] and time.time() < deadline:
+            time.sleep(0.5)
+        info = cluster.node_info(spot)
+        assert not info["alive"] and info["death_reason"] == "AUTOSCALER_DRAIN_PREEMPTED", info
+        assert info["death_message"].startswith("EC2 spot interruption: {")
+        assert cluster.node_info(cluster.head)["alive"]  # the head, on the same IP, was left alone
+    finally:
+        cluster.close()

@@ -1,0 +1,399 @@
+"""The driver lease (cape_ray/lease.py) without Ray: local files, a fake clock, real processes.
+
+The protocol's claims are checked directly: a live holder is refused with its identity in one
+line, a stale or dead one is taken over, a holder that lost its lease learns it on the next
+heartbeat, and concurrent claimants never both win, even when one of them stalls between its read
+and its write (the case the settle rule exists for).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from cape_ray import cli, lease, storage
+from cape_ray.lease import LEASE_FILE, Clock, DriverLease, LeaseContended, LeaseHeld, LeaseLost
+
+
+class FakeClock:
+    """Shared wall and monotonic time; sleeping advances both."""
+
+    def __init__(self, start: float = 1_800_000_000.0):
+        self.wall, self.mono = start, 0.0
+
+    def advance(self, seconds: float) -> None:
+        self.wall += seconds
+        self.mono += seconds
+
+    def clock(self) -> Clock:
+        return Clock(time=lambda: self.wall, monotonic=lambda: self.mono, sleep=self.advance)
+
+
+def other_machine(host: str, pid: int = 4242) -> dict:
+    return {"host": host, "pid": pid, "process_start": 1, "machine": f"machine-{host}", "submission_id": None}
+
+
+def make(tmp_path, fake: FakeClock, identity=None, name="dup", **kwargs) -> DriverLease:
+    settings = dict(timeout_s=60.0, interval_s=10.0, settle_s=2.0)
+    settings.update(kwargs)
+    return DriverLease(str(tmp_path), name, clock=fake.clock(), identity=identity, **settings)
+
+
+def test_a_live_holder_is_refused_in_one_line_naming_it(tmp_path):
+    fake = FakeClock()
+    first = make(tmp_path, fake, other_machine("node-a", 1234))
+    first.acquire()
+    record = json.loads((tmp_path / "dup" / LEASE_FILE).read_text())
+    assert record["host"] == "node-a" and record["pid"] == 1234 and record["run"] == "dup"
+
+    fake.advance(16)  # 18 s after the claim (2 s of it settling): a live holder, beating every 10 s
+    second = make(tmp_path, fake, other_machine("node-b"))
+    with pytest.raises(LeaseHeld) as refused:
+        second.acquire()
+    message = str(refused.value)
+    assert "\n" not in message
+    for part in ("run 'dup'", str(tmp_path / "dup" / LEASE_FILE), "host node-a", "pid 1234",
+                 f"since {record['started']}", "last heartbeat 18 s ago", "rerun in 42 s"):
+        assert part in message, (part, message)
+    # the refused driver left the holder's record alone
+    assert json.loads((tmp_path / "dup" / LEASE_FILE).read_text())["token"] == record["token"]
+
+
+def test_heartbeats_keep_the_lease_and_a_stale_one_is_taken_over(tmp_path):
+    fake = FakeClock()
+    holder = make(tmp_path, fake, other_machine("node-a"))
+    holder.acquire()
+    for _ in range(5):  # 5 x 25 s: far past the timeout, but renewed every 25 s
+        fake.advance(25)
+        holder.renew()
+        with pytest.raises(LeaseHeld):
+            make(tmp_path, fake, other_machine("node-b")).acquire()
+
+    fake.advance(61)  # the holder stops renewing (hung or gone): stale after the 60 s timeout
+    taker = make(tmp_path, fake, other_machine("node-b"))
+    began = fake.wall
+    taker.acquire()
+    assert fake.wall - began == 2  # no waiting, only the settle delay
+    assert json.loads((tmp_path / "dup" / LEASE_FILE).read_text())["host"] == "node-b"
+
+    # The old holder wakes up: it must not renew over the new one.
+    with pytest.raises(LeaseLost) as lost:
+        holder.renew()
+    assert "not renewed for" in str(lost.value)
+    holder._last_write = fake.mono  # even with a recent write of its own, the token decides
+    with pytest.raises(LeaseLost) as lost:
+        holder.renew()
+    assert "lost its lease" in str(lost.value) and "host node-b" in str(lost.value)
+    assert json.loads((tmp_path / "dup" / LEASE_FILE).read_text())["host"] == "node-b"
+    holder.release()  # releases nothing that is not its own
+    assert (tmp_path / "dup" / LEASE_FILE).exists()
+    taker.release()
+    assert not (tmp_path / "dup" / LEASE_FILE).exists()
+
+
+def test_a_dead_driver_on_this_machine_is_taken_over_at_once(tmp_path):
+    """Same machine: the pid tells a crashed driver from a live one without waiting for the timeout."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        identity = {"host": "here", "pid": child.pid, "process_start": lease.process_start(child.pid),
+                    "machine": lease.machine_id(), "submission_id": None}
+        fake = FakeClock(time.time())
+        make(tmp_path, fake, identity).acquire()
+        with pytest.raises(LeaseHeld) as refused:
+            make(tmp_path, fake).acquire()  # this process's real identity
+        assert f"pid {child.pid}" in str(refused.value)
+    finally:
+        child.kill()
+        child.wait()
+    fresh = make(tmp_path, fake)  # heartbeat 0 s old, but its process is gone
+    fresh.acquire()
+    assert json.loads((tmp_path / "dup" / LEASE_FILE).read_text())["pid"] == os.getpid()
+
+
+def test_a_reused_pid_is_not_mistaken_for_the_holder(tmp_path):
+    fake = FakeClock(time.time())
+    parent = os.getppid()  # a live process, but not the one that wrote the lease
+    identity = {"host": "here", "pid": parent, "process_start": (lease.process_start(parent) or 0) + 1,
+                "machine": lease.machine_id(), "submission_id": None}
+    make(tmp_path, fake, identity).acquire()
+    make(tmp_path, fake).acquire()
+
+
+def test_a_slow_claim_withdraws_so_two_claimants_never_both_win(tmp_path):
+    """B reads the empty run, stalls, and writes after A has claimed and settled: without the
+    settle rule both would train. B must withdraw, and A learns at its next heartbeat that the
+    lease was disturbed: neither trains on, which is safe; a rerun resumes."""
+    fake = FakeClock()
+    a = make(tmp_path, fake, other_machine("node-a"))
+    b = make(tmp_path, fake, other_machine("node-b"))
+    read = b.read
+    calls = {"n": 0}
+
+    def read_then_stall():
+        calls["n"] += 1
+        seen = read()
+        if calls["n"] == 1:
+            a.acquire()  # A claims, settles and proceeds while B is between its read and write
+        return seen
+
+    b.read = read_then_stall
+    with pytest.raises(LeaseContended) as withdrawn:
+        b.acquire()
+    assert "took 2.0 s" in str(withdrawn.value) and "\n" not in str(withdrawn.value)
+    assert a.token is not None  # A proceeded ...
+    with pytest.raises(LeaseLost):
+        a.renew()  # ... and stops at its next heartbeat: B's claim replaced its record
+
+
+def test_simultaneous_claims_the_last_writer_wins(tmp_path):
+    """A and B both read the empty run before either writes; B writes last. The read-back after
+    the settle delay decides: B holds the run, A refuses. (Two machines: two clocks, so that B's
+    settling runs beside A's instead of inside A's write.)"""
+    a = make(tmp_path, FakeClock(), other_machine("node-a"))
+    b = make(tmp_path, FakeClock(), other_machine("node-b"))
+    write_a, read_b = a._write, b.read
+
+    def b_reads_then_a_writes_then_b_claims(record):
+        if b.token is None:
+            seen_by_b = read_b()  # B's read happens before A's write: the run is empty
+            assert seen_by_b is None
+            write_a(record)
+            b.read = lambda: seen_by_b if b.token is None and not b.__dict__.setdefault("_used", False) \
+                and not b.__dict__.update(_used=True) else read_b()
+            b.acquire()  # B: its earlier read -> write over A -> settle -> read back: B's own
+        else:
+            write_a(record)
+
+    a._write = b_reads_then_a_writes_then_b_claims
+    with pytest.raises(LeaseContended) as lost_race:
+        a.acquire()
+    assert "claimed the run at the same time" in str(lost_race.value) and "host node-b" in str(lost_race.value)
+    assert b.token is not None
+    b.renew()  # B holds it
+
+
+class Straggler(DriverLease):
+    """Reads first, lets the others go, then stalls longer than the settle delay before writing."""
+
+    stalled = False
+    has_read = threading.Event()
+
+    def read(self):
+        seen = super().read()
+        if self.token is None and not self.stalled:
+            self.stalled = True
+            self.has_read.set()
+            time.sleep(0.9)
+        return seen
+
+
+@pytest.mark.parametrize("round_", range(3))
+def test_concurrent_claimants_with_real_threads(tmp_path, round_):
+    """Four threads claim one run at once on the real clock, one of them stalling past the settle
+    delay between its read and its write (it would otherwise overwrite a settled winner and win
+    too): at most one wins, never the straggler."""
+    rng = random.Random(round_)
+    Straggler.has_read = threading.Event()
+    results: dict[int, object] = {}
+
+    def contender(index: int) -> None:
+        kind = Straggler if index == 0 else DriverLease
+        candidate = kind(str(tmp_path), "race", timeout_s=60, interval_s=10, settle_s=0.6,
+                         identity=other_machine(f"node-{index}", 1000 + index))
+        if index:  # the others start once the straggler has seen the empty run
+            Straggler.has_read.wait(10)
+            time.sleep(rng.uniform(0, 0.02))
+        try:
+            candidate.acquire()
+            results[index] = candidate
+        except lease.LeaseError as exc:
+            results[index] = exc
+
+    threads = [threading.Thread(target=contender, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    winners = [r for r in results.values() if isinstance(r, DriverLease)]
+    assert len(winners) <= 1, [str(r) for r in results.values()]
+    assert isinstance(results[0], LeaseContended), results[0]
+    for result in results.values():
+        if not isinstance(result, DriverLease):
+            assert isinstance(result, (LeaseHeld, LeaseContended)) and "\n" not in str(result)
+
+
+def test_heartbeat_thread_stops_a_driver_that_lost_its_lease(tmp_path):
+    lost = threading.Event()
+    holder = DriverLease(str(tmp_path), "beat", timeout_s=3, interval_s=0.1, settle_s=0.05,
+                         identity=other_machine("node-a"), on_lost=lambda exc: lost.set())
+    with holder:
+        first = json.loads((tmp_path / "beat" / LEASE_FILE).read_text())["heartbeat"]
+        time.sleep(0.5)
+        assert json.loads((tmp_path / "beat" / LEASE_FILE).read_text())["heartbeat"] > first  # renewed
+        assert not lost.is_set()
+        (tmp_path / "beat" / LEASE_FILE).write_text(json.dumps({"token": "someone-else", "heartbeat": time.time(),
+                                                                "host": "node-b"}))
+        assert lost.wait(2), "the heartbeat did not notice another driver's lease"
+    assert json.loads((tmp_path / "beat" / LEASE_FILE).read_text())["token"] == "someone-else"  # not released
+
+
+def test_release_on_the_way_out_even_after_an_error(tmp_path):
+    holder = DriverLease(str(tmp_path), "err", timeout_s=60, interval_s=10, settle_s=0.01,
+                         identity=other_machine("node-a"))
+    with pytest.raises(ZeroDivisionError):
+        with holder:
+            assert (tmp_path / "err" / LEASE_FILE).exists()
+            1 / 0
+    assert not (tmp_path / "err" / LEASE_FILE).exists()
+    assert not list((tmp_path / "err").glob("*.tmp"))
+
+
+def test_an_unreadable_lease_counts_until_its_file_is_old(tmp_path):
+    (tmp_path / "junk").mkdir()
+    path = tmp_path / "junk" / LEASE_FILE
+    path.write_text("{not json")
+    fake = FakeClock(time.time())
+    with pytest.raises(LeaseHeld) as refused:
+        make(tmp_path, fake, name="junk").acquire()
+    assert "unreadable" in str(refused.value)
+    old = time.time() - 120
+    os.utime(path, (old, old))
+    make(tmp_path, fake, name="junk").acquire()
+
+
+def test_settings_come_from_the_environment_and_are_checked(tmp_path, monkeypatch):
+    monkeypatch.setenv(lease.TIMEOUT_ENV, "9")
+    monkeypatch.setenv(lease.INTERVAL_ENV, "2")
+    monkeypatch.setenv(lease.SETTLE_ENV, "0.5")
+    made = DriverLease(str(tmp_path), "env")
+    assert (made.timeout_s, made.interval_s, made.settle_s) == (9, 2, 0.5)
+    monkeypatch.setenv(lease.INTERVAL_ENV, "5")
+    with pytest.raises(lease.LeaseError, match="below half the timeout"):
+        DriverLease(str(tmp_path), "env")
+    monkeypatch.setenv(lease.TIMEOUT_ENV, "soon")
+    with pytest.raises(lease.LeaseError, match="CAPE_LEASE_TIMEOUT_S='soon'"):
+        DriverLease(str(tmp_path), "env")
+
+
+def test_cape_ray_train_refuses_before_starting_ray(tmp_path, capsys, monkeypatch):
+    """The CLI: one error line naming the run and the holder, exit status 3, and no Ray started."""
+    monkeypatch.setenv(lease.SETTLE_ENV, "0.01")
+    holder = DriverLease(str(tmp_path), "busy", timeout_s=60, interval_s=10, settle_s=0.01,
+                         identity={**other_machine("gpu-head-7", 31337), "submission_id": "busy-20260101-000000-ab"})
+    holder.acquire()
+    import ray
+
+    assert not ray.is_initialized()
+    status = cli.main(["train", "--name", "busy", "--storage_path", str(tmp_path), "--epochs", "1"])
+    assert status == 3
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0
+    assert err.startswith("cape-ray train: error: run 'busy'")
+    assert "host gpu-head-7, pid 31337, job busy-20260101-000000-ab" in err
+    assert "`ray job stop busy-20260101-000000-ab`" in err
+    assert not ray.is_initialized()
+
+
+def test_storage_uri_credentials_stay_out_of_messages():
+    assert lease._display("s3://KEY:SECRET@bucket/runs?endpoint_override=h:1&scheme=http") == "s3://bucket/runs"
+    assert lease._display("s3://bucket/runs/") == "s3://bucket/runs"
+    assert lease._display("/nfs/runs") == "/nfs/runs"
+
+
+# ----------------------------------------------------------------------------- the same on S3
+# The moto S3 server on loopback of the storage tests (a module fixture) and its URI helper.
+from test_s3 import s3_endpoint, s3_uri  # noqa: E402,F401
+
+
+def test_the_lease_on_s3(s3_endpoint):
+    uri = s3_uri(s3_endpoint, "leases")
+    fake = FakeClock()
+    holder = DriverLease(uri, "s3dup", timeout_s=60, interval_s=10, settle_s=2, clock=fake.clock(),
+                         identity=other_machine("node-a", 77))
+    holder.acquire()
+    fs, run_dir = holder.fs, holder.run_dir
+    with fs.open_input_stream(f"{run_dir}/{LEASE_FILE}") as stream:
+        assert json.loads(stream.read())["token"] == holder.token
+
+    fake.advance(10)
+    holder.renew()
+    fake.advance(15)
+    with pytest.raises(LeaseHeld) as refused:
+        DriverLease(uri, "s3dup", timeout_s=60, interval_s=10, settle_s=2, clock=fake.clock(),
+                    identity=other_machine("node-b")).acquire()
+    message = str(refused.value)
+    assert "run 's3dup' (s3://cape-ray-test/leases/s3dup/driver_lease.json)" in message
+    assert "host node-a, pid 77" in message and "cape:cape" not in message and "endpoint" not in message
+
+    fake.advance(46)  # 61 s since the last heartbeat: stale
+    taker = DriverLease(uri, "s3dup", timeout_s=60, interval_s=10, settle_s=2, clock=fake.clock(),
+                        identity=other_machine("node-b"))
+    taker.acquire()
+    with pytest.raises(LeaseLost):
+        holder.renew()
+    taker.release()
+    assert not storage.exists(fs, f"{run_dir}/{LEASE_FILE}")
+
+
+def test_concurrent_claimants_on_s3(s3_endpoint):
+    uri = s3_uri(s3_endpoint, "race")
+    Straggler.has_read = threading.Event()
+    results: dict[int, object] = {}
+
+    def contender(index: int) -> None:
+        kind = Straggler if index == 0 else DriverLease
+        candidate = kind(uri, "race", timeout_s=60, interval_s=10, settle_s=0.6,
+                         identity=other_machine(f"node-{index}", 1000 + index))
+        if index:
+            Straggler.has_read.wait(10)
+        try:
+            candidate.acquire()
+            results[index] = candidate
+        except lease.LeaseError as exc:
+            results[index] = exc
+
+    threads = [threading.Thread(target=contender, args=(i,)) for i in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len([r for r in results.values() if isinstance(r, DriverLease)]) <= 1, results
+    assert isinstance(results[0], LeaseContended), results[0]
+
+
+def test_a_silent_holder_elsewhere_is_waited_out_but_a_beating_one_refuses(tmp_path):
+    """A driver on another machine that missed two heartbeats (its cluster torn down, say): the
+    next driver waits for the lease to expire and takes over; if it beats again, it is refused."""
+    fake = FakeClock()
+    gone = make(tmp_path, fake, other_machine("old-head"))
+    gone.acquire()
+    fake.advance(25)  # two missed beats (interval 10 s)
+    successor = make(tmp_path, fake, other_machine("new-head"))
+    started = fake.wall
+    successor.acquire()
+    assert 60 - 27 <= fake.wall - started <= 60 - 27 + 10 + 2  # waited out the rest of the 60 s
+    assert json.loads((tmp_path / "dup" / LEASE_FILE).read_text())["host"] == "new-head"
+
+    fake = FakeClock()
+    slow = make(tmp_path, fake, other_machine("slow-head"), name="slow")
+    slow.acquire()
+    fake.advance(25)
+    waiting = make(tmp_path, fake, other_machine("new-head"), name="slow")
+    sleep = fake.advance
+
+    def holder_beats_while_we_wait(seconds):
+        sleep(seconds)
+        slow._last_write = fake.mono
+        slow.renew()
+
+    waiting.clock = Clock(time=lambda: fake.wall, monotonic=lambda: fake.mono, sleep=holder_beats_while_we_wait)
+    with pytest.raises(LeaseHeld) as refused:
+        waiting.acquire()
+    assert "host slow-head" in str(refused.value)
