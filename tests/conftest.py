@@ -10,10 +10,18 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
-    """Start one local Ray instance; yields its GCS address for subprocess drivers."""
+def ray_cluster(tmp_path_factory):
+    """Start one local Ray instance; yields its GCS address for subprocess drivers.
+
+    HOME and RAY_AUTH_* are isolated first: a stray ~/.ray/auth_token would turn token
+    authentication on for this instance (and removing it under a running one breaks its workers).
+    Subprocess drivers inherit the same environment.
+    """
     import ray
 
+    os.environ["HOME"] = str(tmp_path_factory.mktemp("home"))
+    for key in [k for k in os.environ if k.startswith("RAY_AUTH")]:
+        del os.environ[key]
     if not ray.is_initialized():
         # More logical CPUs than cores: 2 workers + a subprocess driver's workers may overlap briefly.
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=True)
