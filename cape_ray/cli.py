@@ -18,7 +18,8 @@ from cape_ray.config import ConfigError, TrainConfig
 HELP = {
     "name": "run name; rerunning with the same name and storage path resumes the run",
     "storage_path": "where runs are kept: a local/NFS directory or s3://bucket/prefix",
-    "resume": "start from this checkpoint directory (used when the run has no checkpoint of its own yet)",
+    "resume": "start from this checkpoint directory, or a run directory's newest valid checkpoint (used when "
+              "the run has no checkpoint of its own yet)",
     "epochs": "number of epochs",
     "episodes_per_epoch": "training episodes per epoch, over all workers",
     "batch_size": "episodes per worker per micro-batch",
@@ -32,9 +33,20 @@ HELP = {
     "mp100_split": "MP-100 split 1..5 (annotations/mp100_split{N}_{train,val,test}.json)",
     "num_workers": "Ray Train workers: N, or MIN:MAX for an elastic run",
     "max_failures": "worker-group restarts allowed after failures (preemptions not counted)",
-    "keep": "checkpoints kept by val_pck (plus the latest and the two best exports)",
     "num_threads": "torch CPU threads per worker (fixed: it changes float rounding)",
+    "keep": "checkpoints kept by (smoothed) val_pck, plus the latest and the best exports; 0 keeps every one",
+    "keep_every": "also keep every N-th epoch's checkpoint (0 = off)",
+    "pck_smoothing": "best-PCK selection and early stopping use the mean of the last N val_pck (1 = off)",
+    "best_metrics": "one best export per METRIC:min|max, e.g. val_pck:max,val_loss:min,mpck:max",
+    "verbose": "also print Ray's own output (per-report lines, worker set-up)",
 }
+
+
+class OneLineErrors(argparse.ArgumentParser):
+    """Errors as one line that names the flag and the fix (the usage of 40 flags would bury it)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}  (see {self.prog} --help)\n")
 
 
 def _field_type(f: dataclasses.Field) -> type:
@@ -86,6 +98,8 @@ def cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
     try:
         job.run(config)
+    except ConfigError as exc:  # found before Ray starts (preflight.py): one line, exit 2
+        parser.error(str(exc))
     except LeaseError as exc:  # another driver trains this run: one line, no traceback
         print(f"cape-ray train: error: {exc}", file=sys.stderr)
         return 3
@@ -93,50 +107,68 @@ def cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    import tempfile
-
     from cape_ray import checkpoint as ckpt, storage
+    from cape_ray.original_format import describe, original_checkpoint
 
     fs, path = storage.resolve(args.checkpoint)
     if not storage.exists(fs, path):
         parser.error(f"no checkpoint at {args.checkpoint}")
-    with tempfile.TemporaryDirectory(prefix="cape_ray_inspect_") as tmp:
-        local = storage.download(fs, path, tmp)
+    with storage.local_copy(fs, path) as local:
         problems = ckpt.verify_checkpoint(local)
         try:
             state = ckpt.read_state(local)
         except (OSError, ValueError) as exc:
             state, problems = {}, problems + [f"state.json unreadable: {exc}"]
-        from pathlib import Path
-
-        rng_ranks = sorted(int(p.stem.split("_")[1]) for p in Path(local, "rng").glob("rank_*.pt"))
+        fields = describe(original_checkpoint(ckpt.load_checkpoint(local))) if not problems else []
     position = state.get("position", {})
-    tracking = state.get("tracking", {})
     report = {
         "checkpoint": args.checkpoint,
         "manifest": "verifies" if not problems else "DOES NOT VERIFY",
         "problems": problems,
+        "fields": fields,  # the original pipeline's 14, under its names
         "schema_version": state.get("schema_version"),
-        "position": {k: position.get(k) for k in ("epoch", "step", "global_step")},
+        "position": {k: position.get(k) for k in ("epoch", "step", "episode", "global_step", "episodes_per_step")},
         "epochs_in_history": len(state.get("history", [])),
         "world_size": state.get("world_size"),
-        "rng_ranks": rng_ranks,
+        "device": state.get("device"),
+        "bests": {metric: {k: t.get(k) for k in ("best", "best_epoch", "export")}
+                  for metric, t in state.get("tracking", {}).get("best", {}).items()},
         "metrics": state.get("metrics"),
-        "tracking": tracking,
         "versions": state.get("versions"),
         "config": state.get("config"),
     }
     if args.json:
         print(json.dumps(report, indent=1))
-    else:
-        for key, value in report.items():
-            if isinstance(value, dict):
-                print(f"{key}:")
-                for k, v in value.items():
-                    print(f"  {k}: {v}")
-            else:
-                print(f"{key}: {value}")
+        return 0 if not problems else 1
+    for key, value in report.items():
+        if key == "fields":
+            print("fields (the original pipeline's names):")
+            for line in value:
+                print(f"  {line}")
+        elif isinstance(value, dict):
+            print(f"{key}:")
+            for k, v in value.items():
+                print(f"  {k}: {v}")
+        else:
+            print(f"{key}: {value}")
     return 0 if not problems else 1
+
+
+def cmd_export(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from cape_ray import checkpoint as ckpt, storage
+    from cape_ray.original_format import ORIGINAL_KEYS, save_pth
+
+    fs, path = storage.resolve(args.checkpoint)
+    if not storage.exists(fs, path):
+        parser.error(f"no checkpoint at {args.checkpoint}")
+    with storage.local_copy(fs, path) as local:
+        try:
+            loaded = ckpt.load_checkpoint(local)  # verifies the manifest first
+        except ckpt.CheckpointError as exc:
+            parser.error(str(exc))
+        save_pth(loaded, args.pth)
+    print(f"wrote {args.pth}: {', '.join(ORIGINAL_KEYS)} (loads with torch.load(..., weights_only=True))")
+    return 0
 
 
 def cmd_make_data(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -213,8 +245,8 @@ def cmd_show(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cape-ray", description="Category-agnostic pose estimation on Ray Train")
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = OneLineErrors(prog="cape-ray", description="Category-agnostic pose estimation on Ray Train")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineErrors)
 
     train = commands.add_parser("train", help="train (a Ray Train job; local Ray unless RAY_ADDRESS is set)")
     add_config_flags(train)
@@ -224,6 +256,11 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("checkpoint", help="checkpoint directory (local path or URI)")
     inspect.add_argument("--json", action="store_true", help="print JSON")
     inspect.set_defaults(handler=cmd_inspect)
+
+    export = commands.add_parser("export", help="write a checkpoint as one .pth file with the original pipeline's 14 keys")
+    export.add_argument("checkpoint", help="checkpoint directory (local path or URI)")
+    export.add_argument("--pth", required=True, help="output file, e.g. checkpoint_e150.pth")
+    export.set_defaults(handler=cmd_export)
 
     make_data = commands.add_parser("make-data", help="export the built-in categories as MP-100-format files")
     make_data.add_argument("--out", required=True, help="output directory")

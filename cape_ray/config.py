@@ -77,6 +77,7 @@ class TrainConfig:
     keep: int = 2  # top-K checkpoints by (smoothed) val_pck kept, plus the latest; 0 = keep every one
     keep_every: int = 0  # also keep every N-th epoch's checkpoint (0 = off)
     progress: str = "auto"  # bar (interactive) | lines (job logs) | auto: bar when stdout is a terminal
+    verbose: bool = False  # also show Ray's own output (per-report lines, worker set-up, ...)
 
     def __post_init__(self) -> None:
         self.validate()

@@ -3,27 +3,135 @@
 - the resume banner: one line per restored item, each marked restored (✓) or not (✗, with why);
 - per epoch: one summary line (steps, losses, PCK, lr, speed, ETA, the checkpoint written), then
   either the confirmation of a new best export or the "No improvement" block with the bests;
-- start-up notes: orphans removed, best exports repaired, world-size changes, early stop.
+- start-up notes: orphans removed, best exports repaired, world-size changes, early stop;
+- on a terminal, a progress bar of the epoch.
 
-Lines go through `say`, which writes to the process's real stdout (Ray Train patches `print` and
-would show every worker line twice).
+Where the lines go. Ray forwards every worker's output to the driver through a log monitor per
+node, with its own prefixes, and by default also its own per-report lines; nodes that share a
+machine each forward the same files. So the driver starts a `ConsoleRelay` actor: workers and
+controller callbacks send their lines to it, and the driver alone prints them, once each, without
+prefixes (`DriverConsole`). Ray's own output reaches the driver only with --verbose. Without a relay
+(a train function run outside `cape-ray train`), lines go to the process's real stdout; Ray Train
+patches `print` and would show every worker line twice.
 """
 
 from __future__ import annotations
 
+import logging
 import sys
+import threading
+import time
 from typing import Any, Callable, Optional
+
+RELAY_PREFIX = "cape-ray-console:"
+PROGRESS_EVERY_S = 0.5  # how often a worker sends the progress bar's state
 
 RULE = "=" * 80
 
 
 def _stdout_write(text: str) -> None:
-    stream = sys.__stdout__
+    _write_to(sys.__stdout__, text)
+    sys.__stdout__.flush()
+
+
+class ConsoleRelay:
+    """A Ray actor (made remote by DriverConsole) holding lines until the driver takes them."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.bar: Optional[str] = None
+
+    def write(self, text: str) -> None:
+        self.lines.append(text)
+
+    def progress(self, bar: Optional[str]) -> None:
+        self.bar = bar
+
+    def take(self) -> tuple[list[str], Optional[str]]:
+        lines, self.lines = self.lines, []
+        return lines, self.bar
+
+
+class DriverConsole:
+    """`with DriverConsole(run name):` on the driver, around `fit()`: prints every line sent to the
+    run's relay, and on a terminal keeps the progress bar on the last line."""
+
+    def __init__(self, run_name: str, stream=None, interval_s: float = 0.2):
+        self.name, self.stream, self.interval_s = RELAY_PREFIX + run_name, stream or sys.stdout, interval_s
+        self.actor: Any = None
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self._bar: Optional[str] = None
+        self._interactive = self.stream.isatty()
+
+    def __enter__(self) -> "DriverConsole":
+        import ray
+
+        relay = ray.remote(num_cpus=0, max_restarts=0)(ConsoleRelay)
+        self.actor = relay.options(name=self.name, lifetime="non_detached").remote()
+        self._thread = threading.Thread(target=self._pump, name="cape-ray-console", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        import ray
+
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self._print_pending(final=True)
+        ray.kill(self.actor)
+
+    def _pump(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._print_pending(final=False)
+
+    def _print_pending(self, final: bool) -> None:
+        import ray
+
+        try:
+            lines, bar = ray.get(self.actor.take.remote(), timeout=30)
+        except Exception:  # noqa: BLE001 - a console hiccup must never stop training
+            return
+        out = self.stream
+        if self._bar is not None and (lines or final or bar != self._bar):
+            out.write("\r\033[K")  # clear the bar before lines are printed under it
+        for text in lines:
+            _write_to(out, text)
+        self._bar = None if final or not self._interactive else bar
+        if self._bar is not None:
+            _write_to(out, self._bar, end="")
+        out.flush()
+
+
+def find_relay(run_name: str):
+    """The run's ConsoleRelay actor, or None when the driver started none."""
+    import ray
+
+    if not ray.is_initialized():  # outside a Ray process: looking the actor up would start Ray
+        return None
     try:
-        stream.write(text)
+        return ray.get_actor(RELAY_PREFIX + run_name)
+    except ValueError:
+        return None
+
+
+class RelayLogHandler(logging.Handler):
+    """Warnings and errors of the cape_ray logger of this process, sent to the driver's console."""
+
+    def __init__(self, write: Callable[[str], None]):
+        super().__init__(logging.WARNING)
+        self.write = write
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.write(f"{record.levelname}: {record.getMessage()}\n")
+
+
+def _write_to(stream, text: str, end: str = "") -> None:
+    try:
+        stream.write(text + end)
     except UnicodeEncodeError:  # a terminal without UTF-8: keep the words, drop the marks
-        stream.write(text.replace("✓", "+").replace("✗", "x").replace("→", "->"))
-    stream.flush()
+        stream.write((text + end).replace("✓", "+").replace("✗", "x").replace("→", "->"))
 
 
 def mark(ok: bool) -> str:
@@ -92,15 +200,16 @@ def in_original_order(best: dict) -> list:
 
 
 class Console:
-    """Rank 0's lines and progress: a live bar on a terminal (drawn by the Ray driver), else a line
-    per epoch."""
+    """Rank 0's lines and progress: a progress bar on the driver's terminal, else a line per epoch."""
 
-    def __init__(self, config, rank: int, steps_per_epoch: int, write: Callable[[str], None] = _stdout_write):
+    def __init__(self, config, rank: int, steps_per_epoch: int, write: Optional[Callable[[str], None]] = None,
+                 progress: Optional[Callable[[Optional[str]], None]] = None):
         self.enabled = rank == 0
         self.config, self.steps_per_epoch = config, steps_per_epoch
-        self.use_bar = self.enabled and config.progress == "bar"
-        self._write = write
-        self.bar: Any = None
+        self._write = write or _stdout_write
+        self._progress = progress if config.progress == "bar" else None
+        self._sent = 0.0
+        self._epoch_started = 0.0
         self.epoch_times: list[float] = []
 
     def say(self, message: str) -> None:
@@ -124,27 +233,31 @@ class Console:
         stopping = state.tracking.early_stopping
         if stopping.should_stop:
             self.say(f"early stopping already triggered at epoch {stopping.stopped_epoch}; nothing to train")
+        elif state.position.epoch >= self.config.epochs:
+            self.say(f"the run has completed {state.position.epoch} epoch(s) and --epochs is {self.config.epochs}: "
+                     f"nothing left to train (a larger --epochs continues it)")
 
     def start_epoch(self, epoch: int, first_step: int) -> None:
-        if self.use_bar:
-            from ray.experimental import tqdm_ray
+        self._epoch_started, self._first_step = time.perf_counter(), first_step
 
-            self.bar = tqdm_ray.tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{self.config.epochs}",
-                                     unit="step")
-            self.bar.update(first_step)
-
-    def step(self, epoch: int, losses) -> None:
-        if self.bar is not None:  # reading the loss synchronises with the device: only for the bar
-            self.bar.set_description(f"epoch {epoch + 1}/{self.config.epochs} loss {float(losses[-1]):.4f}")
-            self.bar.update(1)
+    def step(self, epoch: int, step: int, losses) -> None:
+        """The bar's state, at most every PROGRESS_EVERY_S (reading the loss waits for the device)."""
+        now = time.perf_counter()
+        if not (self.enabled and self._progress) or now - self._sent < PROGRESS_EVERY_S:
+            return
+        self._sent = now
+        done = step / self.steps_per_epoch
+        speed = (step - self._first_step) / max(now - self._epoch_started, 1e-9)
+        filled = int(30 * done)
+        self._progress(f"epoch {epoch + 1}/{self.config.epochs} [{'#' * filled}{'.' * (30 - filled)}] "
+                       f"{step}/{self.steps_per_epoch} steps  loss {float(losses[-1]):.4f}  {speed:.1f} steps/s")
 
     def end_epoch(self, metrics: dict[str, Any], steps: int, train_seconds: float, epoch_seconds: float,
                   name: str, state, new_best: list[str]) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
         if not self.enabled:
             return
+        if self._progress:
+            self._progress(None)
         self.epoch_times.append(epoch_seconds)
         remaining = (self.config.epochs - metrics["epoch"]) * (sum(self.epoch_times) / len(self.epoch_times))
         speed = steps / train_seconds if train_seconds > 0 else float("nan")

@@ -52,6 +52,7 @@ import pyarrow.fs as pafs
 from ray.train import Checkpoint, UserCallback
 
 from cape_ray import storage
+from cape_ray.console import find_relay
 
 log = logging.getLogger("cape_ray")
 
@@ -284,6 +285,10 @@ class RunHistory(UserCallback):
         self._last_failure = (ranks, error)
         self._write([{"event": "failure", "time": time.time(), "attempt": self._attempt, "ranks": ranks,
                       "error": error}])
+        relay = find_relay(run_context.run_config.name)
+        if relay is not None:  # said on the driver's console, with or without --verbose
+            relay.write.remote(f"worker failure on rank(s) {ranks}: {error.splitlines()[0] if error else '?'}; "
+                               f"Ray restarts the workers from the latest checkpoint if --max_failures allows\n")
         # The next report comes from the next attempt; its "restart" line is written with it.
         self._attempt += 1
         self._pending_restart = "worker_failure"

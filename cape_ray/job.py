@@ -16,9 +16,11 @@ import ray
 from ray.train import CheckpointConfig, FailureConfig, Result, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from cape_ray import preflight
 from cape_ray.callbacks import BestCheckpointExporter
 from cape_ray.checkpointer import RETENTION_KEY, retention_slots
 from cape_ray.config import TrainConfig
+from cape_ray.console import DriverConsole
 from cape_ray.history import RunHistory
 from cape_ray.lease import DriverLease
 from cape_ray.worker import train_loop_per_worker
@@ -51,17 +53,28 @@ def build_trainer(config: TrainConfig, train_fn: Callable[[dict], None] = train_
                         scaling_config=scaling, run_config=run_config)
 
 
-def run(config: TrainConfig, *, init_ray: bool = True) -> Result:
+def run(config: TrainConfig, *, init_ray: bool = True, train_fn: Callable[[dict], None] = train_loop_per_worker,
+        train_loop_config: Optional[dict] = None) -> Optional[Result]:
+    """Check what can be checked before Ray starts, take the run's lease, then train. Returns None
+    when the run has nothing left to train (said in one line). ConfigError: a flag that cannot work.
+    `train_fn` / `train_loop_config` let a caller wrap the loop (see build_trainer)."""
+    preflight.check(config)
     if config.progress == "auto":
-        # Workers never see a terminal; the driver does, and Ray draws worker bars on it.
+        # Workers never see a terminal; the driver does, and draws their progress on it.
         config = config.replace(progress="bar" if sys.stdout.isatty() else "lines")
     # One driver per run: a second one refuses here, before Ray starts (cape_ray/lease.py).
     with DriverLease(storage_uri(config), config.name):
+        reason = preflight.nothing_to_train(config, preflight.latest_state(config))
+        if reason:
+            print(reason, flush=True)
+            return None
         if init_ray and not ray.is_initialized():
             # ray.init() attaches to RAY_ADDRESS when set (a cluster, or inside `ray job submit`),
-            # and otherwise starts a local instance on this machine.
-            ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=True)
-        result = build_trainer(config).fit()
+            # and otherwise starts a local instance on this machine. Ray's own output reaches
+            # this driver only with --verbose; the project's lines come through the console relay.
+            ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=config.verbose)
+        with DriverConsole(config.name):
+            result = build_trainer(config, train_fn, train_loop_config).fit()
     print(summary(result), flush=True)
     return result
 

@@ -6,10 +6,11 @@ Everything here goes through pyarrow so the same code serves local disks and obj
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
-from typing import Optional
+from typing import Iterator, Optional
 
 import pyarrow.fs as pafs
 
@@ -54,14 +55,21 @@ def download(fs: pafs.FileSystem, path: str, local_dir: str) -> str:
     return local_dir
 
 
+@contextlib.contextmanager
+def local_copy(fs: pafs.FileSystem, path: str) -> Iterator[str]:
+    """A local directory holding the storage directory `path` for the `with` block (read in place
+    on a local filesystem)."""
+    with tempfile.TemporaryDirectory(prefix="cape_ray_copy_") as tmp:
+        yield download(fs, path, tmp)
+
+
 def problems(fs: pafs.FileSystem, path: str) -> list[str]:
     """What is wrong with the checkpoint directory at `path` (empty: it verifies)."""
-    with tempfile.TemporaryDirectory(prefix="cape_ray_verify_") as tmp:
-        try:
-            local = download(fs, path, tmp)
-        except OSError as exc:
-            return [f"{path} cannot be read: {exc}"]
-        return verify_checkpoint(local)
+    try:
+        with local_copy(fs, path) as local:
+            return verify_checkpoint(local)
+    except OSError as exc:
+        return [f"{path} cannot be read: {exc}"]
 
 
 def copy_checkpoint(fs: pafs.FileSystem, source: str, destination: str) -> None:

@@ -8,6 +8,7 @@ without Ray (the fast tests hand it a local edge).
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any, Optional
 
@@ -16,11 +17,13 @@ import torch
 from cape_ray import checkpoint as ckpt, engine, rng
 from cape_ray.checkpointer import RETENTION_KEY, Checkpointer, Resumed, retention_score, UNVALIDATED_SCORE
 from cape_ray.config import TrainConfig
-from cape_ray.console import Console
+from cape_ray.console import Console, RelayLogHandler, find_relay
 from cape_ray.data.episodes import EpisodeSampler, TrainingBatches, shard
 from cape_ray.data.loading import load_split
 from cape_ray.model.cape import build_model
 from cape_ray.state import TrainState
+
+log = logging.getLogger("cape_ray")
 
 
 def train_loop_per_worker(config_dict: dict[str, Any], edge: Optional["RayEdge"] = None) -> None:
@@ -51,7 +54,7 @@ def train_loop_per_worker(config_dict: dict[str, Any], edge: Optional["RayEdge"]
     state = TrainState.fresh(config, world_size, device=device.type)
     resumed = (checkpointer.load_into(restored, state, engine.unwrap(model), optimizer, scheduler)
                if restored else Resumed())
-    console = Console(config, rank, steps_per_epoch)
+    console = Console(config, rank, steps_per_epoch, write=edge.say, progress=edge.progress)
     console.startup(restored, state, resumed, checkpointer.tidy(state, restored), world_size)
     if state.tracking.early_stopping.should_stop:
         return
@@ -88,7 +91,7 @@ def train_loop_per_worker(config_dict: dict[str, Any], edge: Optional["RayEdge"]
             epoch_train_seconds += time.perf_counter() - step_start
             position.step, position.global_step = position.step + 1, position.global_step + 1
             position.episode += position.episodes_per_step
-            console.step(epoch, losses)
+            console.step(epoch, position.step, losses)
 
             steps_left = position.episode + position.episodes_per_step <= config.episodes_per_epoch
             every = config.checkpoint_every_steps
@@ -155,6 +158,12 @@ class RayEdge:
         self.fs, self.run_dir = storage.storage_filesystem, storage.experiment_fs_path
         latest = ray.train.get_checkpoint()
         self.latest = latest.path if latest is not None else None
+        # The driver's console relay (console.py): lines and warnings are printed there, once.
+        relay = find_relay(context.get_experiment_name())
+        self.say = (lambda text: relay.write.remote(text)) if relay else None
+        self.progress = (lambda bar: relay.progress.remote(bar)) if relay else None
+        if relay is not None and not any(isinstance(h, RelayLogHandler) for h in log.handlers):
+            log.addHandler(RelayLogHandler(self.say))
         reported = ray.train.get_all_reported_checkpoints(consistency_mode=CheckpointConsistencyMode.COMMITTED)
         self.registered = {r.checkpoint.path.rstrip("/").rsplit("/", 1)[-1] for r in reported}
 

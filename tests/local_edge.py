@@ -31,9 +31,12 @@ class _Checkpoint:
 
 class LocalEdge:
     rank, world_size, device = 0, 1, torch.device("cpu")
+    progress = None
 
     def __init__(self, run_dir, best_metrics: str = "val_pck:max,val_loss:min", *, latest: Optional[str] = None,
-                 registered=(), crash_after: Optional[int] = None, crash_before_export: bool = False):
+                 registered=(), crash_after: Optional[int] = None, crash_before_export: bool = False,
+                 quiet: bool = False):
+        self.say = (lambda text: None) if quiet else None  # None: the loop's lines go to stdout
         self.fs = pafs.LocalFileSystem()
         self.run_dir = str(run_dir)
         Path(self.run_dir).mkdir(parents=True, exist_ok=True)
@@ -45,7 +48,8 @@ class LocalEdge:
     @classmethod
     def after(cls, previous: "LocalEdge", **changes) -> "LocalEdge":
         """The edge a restarted worker sees: Ray's latest registered checkpoint and every registered name."""
-        return cls(previous.run_dir, **{"latest": previous.latest, "registered": previous.registered, **changes})
+        return cls(previous.run_dir, **{"latest": previous.latest, "registered": previous.registered,
+                                        "quiet": previous.say is not None, **changes})
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         return model

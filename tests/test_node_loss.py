@@ -20,6 +20,7 @@ with a logging, slowed train function), attached through RAY_ADDRESS like a clus
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -199,6 +200,12 @@ def test_a_worker_node_killed_mid_epoch(cluster, tmp_path):
     assert {r["node"] for r in after["ranks"].values()} == {n.node_id for n in nodes if n is not victim} | {
         replacement.node_id}
     assert "RESUMING FROM CHECKPOINT" in output and f"Checkpoint: {after['restored']}  [" in output
+    # three nodes share this machine's log files, yet every line of the run is printed once, and
+    # Ray's own per-report lines not at all (no --verbose)
+    for epoch in range(1, EPOCHS + 1):
+        assert len(re.findall(rf"^epoch +{epoch}/{EPOCHS} ", output, flags=re.M)) == 1, output[-4000:]
+    assert output.count("RESUMING FROM CHECKPOINT") == 1
+    assert "Reporting training result" not in output and "PreemptionWatcher" not in output
     lineage = check_lineage(attempts)
     check_storage(run)
 

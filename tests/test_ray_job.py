@@ -284,3 +284,24 @@ def test_preemption_notice_writes_one_just_in_time_checkpoint(ray_cluster, tiny_
     state = ckpt.read_state(run_dir / mid_epoch[0])
     assert state["metrics"]["reason"] == "preemption" and state["metrics"]["retention_score"] == -1.0
     assert state["position"]["step"] == 3
+
+
+def test_keep_every_and_keep_zero_survive_rays_retention_and_a_resume(ray_cluster, tiny_config):
+    # --keep 1 --keep_every 2: every 2nd epoch's checkpoint is kept besides the best other one and
+    # the latest, also across a driver rerun that extends the run
+    config = tiny_config("every", epochs=4, keep=1, keep_every=2, checkpoint_every_steps=2)
+    assert fit(config).error is None
+    assert fit(config.replace(epochs=6)).error is None
+    run_dir = Path(config.storage_path) / "every"
+    history = final_checkpoint(run_dir).state["history"]
+    best_other = max((h for h in history if h["epoch"] % 2), key=lambda h: (h["retention_score"], h["epoch"]))
+    expected = {ckpt.checkpoint_name(config, e) for e in (2, 4, 6, best_other["epoch"])}
+    assert set(regular_checkpoints(run_dir)) == expected
+    assert exports_in(run_dir) == expected_exports(history)
+
+    # --keep 0: nothing is ever deleted, mid-epoch checkpoints included
+    config = tiny_config("all", keep=0, checkpoint_every_steps=2)
+    assert fit(config).error is None
+    assert regular_checkpoints(Path(config.storage_path) / "all") == [
+        ckpt.checkpoint_name(config, 1, 2), ckpt.checkpoint_name(config, 1),
+        ckpt.checkpoint_name(config, 2, 2), ckpt.checkpoint_name(config, 2)]
