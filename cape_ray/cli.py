@@ -30,6 +30,8 @@ HELP = {
     "checkpoint_every_steps": "also checkpoint every N optimizer steps inside an epoch (0 = off)",
     "data_root": "train on MP-100-format files in this directory instead of the built-in data",
     "mp100_split": "MP-100 split 1..5 (annotations/mp100_split{N}_{train,val,test}.json)",
+    "cache_dir": "where each node keeps the prepared MP-100 splits its workers share (a local disk; '~' is "
+                 "expanded on the node; '' = no cache, every worker prepares its own copy)",
     "num_workers": "Ray Train workers: N, or MIN:MAX for an elastic run",
     "max_failures": "worker-group restarts allowed after failures (preemptions not counted)",
     "keep": "checkpoints kept by val_pck (plus the latest and the two best exports)",
