@@ -27,8 +27,8 @@ temporary directory, which the next builder removes. A bad image fails the build
 error (file, image and annotation record, fix) and leaves nothing behind.
 
 Opening. Every open verifies the entry fully: the manifest's key, each file's size and SHA-256
-(about 1.7 GB/s on one core here, ~1.5 s for a full training split, less than a restart of the
-workers), then maps the very files it hashed. No fsync is needed for that reason: a file left
+(0.8-1.7 GB/s on one core here: 1.5-3 s for a full-size training split of 2.5 GB, less than Ray
+takes to restart a worker), then maps the very files it hashed. No fsync is needed for that reason: a file left
 incomplete by a crash fails the check. An entry that is half-written, damaged or stale is reported,
 discarded and rebuilt; it is never used.
 """
@@ -76,7 +76,7 @@ SPLIT_FILE = "split.json"
 MANIFEST_FILE = "manifest.json"
 ENTRY_FILES = frozenset({f"{name}.npy" for name in ARRAY_DTYPES} | {SPLIT_FILE})
 SUBDIRECTORY = "prepared"
-_HASH_BLOCK = 8 << 20
+_HASH_BLOCK = 1 << 20  # larger blocks hash no faster and leave more heap behind
 
 PathLike = Union[str, os.PathLike]
 
@@ -190,9 +190,10 @@ def _category_to_json(category: Category) -> dict:
             "skeleton": [list(edge) for edge in category.skeleton], "supercategory": category.supercategory}
 
 
-def _open_entry(entry: Path, key: CacheKey, num_queries: int) -> PreparedSplit:
+def _open_entry(entry: Path, key: CacheKey, num_queries: int, report_problems: bool = True) -> PreparedSplit:
     """The entry as a PreparedSplit whose tensors map its files read-only; `_Unusable` if it is not whole,
-    not intact or not for this key."""
+    not intact or not for this key. Logs skipped categories and notes as `prepare` does, unless told
+    not to (right after a build, whose `prepare` logged them)."""
     try:
         manifest = json.loads((entry / MANIFEST_FILE).read_bytes())
     except FileNotFoundError:
@@ -239,7 +240,8 @@ def _open_entry(entry: Path, key: CacheKey, num_queries: int) -> PreparedSplit:
     skipped = {int(cid): reason for cid, reason in meta["skipped"].items()}
     notes = query_shortfall_notes(categories, {cid: len(rows_by_category[cid]) for cid in category_ids},
                                   key.num_shots, num_queries)
-    log_category_problems(meta["source"], skipped, notes)  # as prepare reports them
+    if report_problems:
+        log_category_problems(meta["source"], skipped, notes)
     return PreparedSplit(
         **{name: _read_only_tensor(array) for name, array in arrays.items()},
         rows_by_category=rows_by_category,
@@ -396,7 +398,7 @@ def open_or_build(cache_dir: PathLike, annotation_file: PathLike, image_root: Pa
         build_started = time.perf_counter()
         _build(root, name, key, annotation_file, num_queries, load_dataset, threads)
         try:
-            split = _open_entry(entry, key, num_queries)
+            split = _open_entry(entry, key, num_queries, report_problems=False)
         except _Unusable as problem:
             raise CacheError(f"the prepared split just written to {entry} does not verify ({problem}); the disk "
                              f"may be failing. Delete {entry} and run again, or pass --cache_dir ''.") from None
