@@ -31,6 +31,8 @@ HELP = {
     "checkpoint_every_steps": "also checkpoint every N optimizer steps inside an epoch (0 = off)",
     "data_root": "train on MP-100-format files in this directory instead of the built-in data",
     "mp100_split": "MP-100 split 1..5 (annotations/mp100_split{N}_{train,val,test}.json)",
+    "cache_dir": "where each node keeps the prepared MP-100 splits its workers share (a local disk; '~' is "
+                 "expanded on the node; '' = no cache, every worker prepares its own copy)",
     "num_workers": "Ray Train workers: N, or MIN:MAX for an elastic run",
     "max_failures": "worker-group restarts allowed after failures (preemptions not counted)",
     "num_threads": "torch CPU threads per worker (fixed: it changes float rounding)",
@@ -172,10 +174,22 @@ def cmd_export(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 
 
 def cmd_make_data(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from cape_ray.data.mp100 import export_synthetic
+    if args.mp100_sizes:
+        import os
 
-    export_synthetic(args.out, seed=args.seed, instances_per_category=args.instances_per_category,
-                     canvas=args.canvas, split=args.split)
+        from cape_ray.data.synthetic_large import export_mp100_sized
+
+        if not args.scale > 0:
+            parser.error(f"--scale must be > 0, got {args.scale}")
+        export_mp100_sized(args.out, seed=args.seed, scale=args.scale, split=args.split,
+                           image_format=args.image_format or "jpg", threads=args.threads or os.cpu_count() or 1)
+    else:
+        if args.scale != 1.0 or args.image_format or args.threads:
+            parser.error("--scale, --image_format and --threads apply to --mp100_sizes only")
+        from cape_ray.data.mp100 import export_synthetic
+
+        export_synthetic(args.out, seed=args.seed, instances_per_category=args.instances_per_category,
+                         canvas=args.canvas, split=args.split)
     print(f"wrote MP-100-format data to {args.out} (annotations/mp100_split{args.split}_*.json, images/)")
     return 0
 
@@ -268,6 +282,16 @@ def build_parser() -> argparse.ArgumentParser:
     make_data.add_argument("--instances_per_category", "--instances-per-category", type=int, default=60)
     make_data.add_argument("--canvas", type=int, default=96)
     make_data.add_argument("--split", type=int, default=1, choices=[1, 2, 3, 4, 5])
+    make_data.add_argument(*_both("mp100_sizes"), dest="mp100_sizes", action="store_true",
+                           help="MP-100's sizes instead: ~18k instances, K 5..35, images of 500-2,000 px "
+                                "(--instances_per_category and --canvas do not apply)")
+    make_data.add_argument("--scale", type=float, default=1.0,
+                           help="with --mp100_sizes: multiply the instances per category (e.g. 0.05 on a small "
+                                "machine); image sizes stay MP-100's")
+    make_data.add_argument(*_both("image_format"), dest="image_format", choices=["jpg", "png"], default=None,
+                           help="with --mp100_sizes: image files (default jpg, as MP-100's sources)")
+    make_data.add_argument("--threads", type=int, default=None,
+                           help="with --mp100_sizes: images encoded at once (default: every core)")
     make_data.set_defaults(handler=cmd_make_data)
 
     evaluate = commands.add_parser(

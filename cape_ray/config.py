@@ -59,6 +59,8 @@ class TrainConfig:
     data_seed: int = 0  # the built-in categories and the fixed validation episodes
     synthetic_instances_per_category: int = 60
     synthetic_canvas: int = 96
+    # prepared MP-100 splits, one copy per node, shared by its workers; "~" expands on each node; "" = off
+    cache_dir: str = "~/.cache/cape-ray"
 
     # --- model ---
     backbone: str = "small"  # small (CPU default) | large (real data)
@@ -121,6 +123,10 @@ class TrainConfig:
         need(self.synthetic_canvas >= 32, "synthetic_canvas", f"must be >= 32 pixels, got {self.synthetic_canvas!r}")
         need(self.backbone in ("small", "large"), "backbone", f"must be small or large, got {self.backbone!r}")
         need(self.progress in ("auto", "bar", "lines"), "progress", f"must be auto, bar or lines, got {self.progress!r}")
+        need(isinstance(self.cache_dir, str) and (self.cache_dir == "" or self.cache_dir.startswith("~")
+                                                  or os.path.isabs(self.cache_dir)), "cache_dir",
+             f"must be an absolute path, a path starting with ~ (expanded on each worker's node) or '' (no cache), "
+             f"got {self.cache_dir!r}")
         self.worker_range()  # raises on a malformed --num_workers
         try:
             parse_best_metrics(self.best_metrics)

@@ -45,7 +45,7 @@ def test_json_round_trip():
     ({"lr": 0.0}, "--lr"), ({"num_shots": 2}, "--num_shots"), ({"batch_size": 0}, "--batch_size"),
     ({"num_workers": "3:1"}, "--num_workers"), ({"num_workers": "two"}, "--num_workers"),
     ({"mp100_split": 6}, "--mp100_split"), ({"data_root": "/no/such/dir"}, "--data_root"),
-    ({"name": "a/b"}, "--name"), ({"lr": float("nan")}, "--lr"),
+    ({"name": "a/b"}, "--name"), ({"lr": float("nan")}, "--lr"), ({"cache_dir": "relative/dir"}, "--cache_dir"),
 ])
 def test_invalid_values_name_the_flag(changes, flag):
     with pytest.raises(ConfigError, match=flag):

@@ -129,7 +129,8 @@ def test_data_root_and_shots_override_the_checkpoint(tmp_path):
 
     export_synthetic(tmp_path / "mp100", seed=0, instances_per_category=6, canvas=48, split=2)
     config = TrainConfig(**TINY)
-    directory = write_fresh_checkpoint(tmp_path / "ck", config.replace(data_root=str(tmp_path / "mp100")))
+    directory = write_fresh_checkpoint(tmp_path / "ck", config.replace(data_root=str(tmp_path / "mp100"),
+                                                                       cache_dir=str(tmp_path / "cache")))
     (tmp_path / "mp100").rename(tmp_path / "moved")  # the training data is not where it was
     with pytest.raises(evaluate.EvaluationError, match="data_root"):
         evaluate.setup(str(directory), "val")

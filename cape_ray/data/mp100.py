@@ -66,15 +66,16 @@ class MP100ImageLoader:
 
     def __call__(self, inst: Instance) -> np.ndarray:
         path = os.path.join(self.image_root, inst.file_name)
+        record = f"image id={inst.image_id} (annotation id={inst.id})"
         try:
             with Image.open(path) as img:
                 pixels = np.asarray(img.convert("RGB"), dtype=np.uint8)
         except (OSError, ValueError) as exc:
-            raise MP100FormatError(path, f"cannot be read as an image ({exc}).", record=f"image id={inst.image_id}",
+            raise MP100FormatError(path, f"cannot be read as an image ({exc}).", record=record,
                                    field="file_name", fix="replace the file with a valid image") from None
         if inst.width and inst.height and pixels.shape[:2] != (inst.height, inst.width):
             raise MP100FormatError(path, f"decodes to {pixels.shape[1]}x{pixels.shape[0]} pixels but the image "
-                                   f"record says {inst.width}x{inst.height}.", record=f"image id={inst.image_id}",
+                                   f"record says {inst.width}x{inst.height}.", record=record,
                                    field="width/height", fix="correct the record or the image file")
         return pixels
 
@@ -328,6 +329,32 @@ def _png_name(inst: Instance, category: Category) -> str:
     return name if ext.lower() == ".png" else stem + ".png"
 
 
+def category_record(category: Category) -> dict:
+    """A category as MP-100 writes it (skeleton 1-based)."""
+    return {"id": int(category.id), "name": category.name, "supercategory": category.supercategory,
+            "keypoints": list(category.keypoint_names), "skeleton": [[a + 1, b + 1] for a, b in category.skeleton]}
+
+
+def annotation_record(inst: Instance) -> dict:
+    """An instance as MP-100 writes it: visible keypoints v = 2, hidden v = 0 with x, y kept."""
+    flags = np.where(np.asarray(inst.visible, dtype=bool), 2, 0)
+    triples = [[float(x), float(y), int(v)] for (x, y), v in zip(np.asarray(inst.keypoints), flags)]
+    bbox = [float(v) for v in np.asarray(inst.bbox)]
+    return {"id": int(inst.id), "image_id": int(inst.image_id), "category_id": int(inst.category_id),
+            "bbox": bbox, "area": bbox[2] * bbox[3], "iscrowd": 0, "num_keypoints": int((flags > 0).sum()),
+            "keypoints": [v for triple in triples for v in triple]}
+
+
+def write_annotation_file(path: PathLike, description: str, images: list[dict], annotations: list[dict],
+                          categories: list[dict]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump({"info": {"description": description}, "images": images, "annotations": annotations,
+                   "categories": categories}, fh, separators=(",", ":"))
+    return path
+
+
 def write_mp100(datasets: dict[str, KeypointDataset], out_dir: PathLike, split: int = 1) -> dict[str, Path]:
     """Write `{subset: dataset}` as MP-100 files under out_dir; returns the annotation paths."""
     out = Path(out_dir)
@@ -350,23 +377,11 @@ def write_mp100(datasets: dict[str, KeypointDataset], out_dir: PathLike, split: 
                     image_files[inst.image_id] = file_name
                     images.append({"id": int(inst.image_id), "file_name": file_name,
                                    "width": int(pixels.shape[1]), "height": int(pixels.shape[0])})
-                flags = np.where(np.asarray(inst.visible, dtype=bool), 2, 0)
-                triples = [[float(x), float(y), int(v)] for (x, y), v in zip(np.asarray(inst.keypoints), flags)]
-                bbox = [float(v) for v in np.asarray(inst.bbox)]
-                annotations.append({
-                    "id": int(inst.id), "image_id": int(inst.image_id), "category_id": int(cid),
-                    "bbox": bbox, "area": bbox[2] * bbox[3], "iscrowd": 0,
-                    "num_keypoints": int((flags > 0).sum()),
-                    "keypoints": [v for triple in triples for v in triple],
-                })
-        categories = [{"id": int(c.id), "name": c.name, "supercategory": c.supercategory,
-                       "keypoints": list(c.keypoint_names), "skeleton": [[a + 1, b + 1] for a, b in c.skeleton]}
-                      for c in (dataset.categories[cid] for cid in dataset.category_ids)]
-        path = annotation_path(out, split, subset)
-        with open(path, "w", encoding="utf-8") as fh:
-            json.dump({"info": {"description": f"cape-ray export of {dataset.source}"}, "images": images,
-                       "annotations": annotations, "categories": categories}, fh, separators=(",", ":"))
-        written[subset] = path
+                annotations.append(annotation_record(inst))
+        categories = [category_record(dataset.categories[cid]) for cid in dataset.category_ids]
+        written[subset] = write_annotation_file(annotation_path(out, split, subset),
+                                                f"cape-ray export of {dataset.source}", images, annotations,
+                                                categories)
     return written
 
 

@@ -166,9 +166,11 @@ def _tree_order(k: int, edges: tuple[tuple[int, int], ...]) -> tuple[np.ndarray,
     return parents, np.array(order, dtype=np.int64)
 
 
-def make_template(category_id: int, seed: int = 0) -> SyntheticTemplate:
+def make_template(category_id: int, seed: int = 0,
+                  keypoint_range: tuple[int, int] = (MIN_KEYPOINTS, MAX_KEYPOINTS)) -> SyntheticTemplate:
+    """Category `category_id`'s template; K is drawn from `keypoint_range` (inclusive)."""
     rng = np.random.default_rng([seed, category_id, _TEMPLATE_TAG])
-    k = int(rng.integers(MIN_KEYPOINTS, MAX_KEYPOINTS + 1))
+    k = int(rng.integers(keypoint_range[0], keypoint_range[1] + 1))
     pts = _spread_points(rng, k)
     skeleton = _random_tree(rng, pts)
     skeleton = tuple(sorted((min(a, b), max(a, b)) for a, b in skeleton))

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import logging
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -29,6 +31,9 @@ from .dataset import Category, Instance, KeypointDataset
 log = logging.getLogger("cape_ray.data")
 
 CROP_PADDING = 1.25
+# Bump whenever a change here alters the pixels or coordinates `prepare` produces (padding, sampling,
+# supersampling, rounding): prepared splits cached on disk are keyed by it (data/cache.py).
+CROP_RULE_VERSION = 1
 MAX_SUPERSAMPLE = 4
 _CHUNK_VALUES = 24_000_000  # float values per batched grid_sample call (bounds memory)
 
@@ -145,42 +150,85 @@ def _crop_windowed(img: np.ndarray, box: tuple[float, float, float], size: int) 
     bottom = min(h, int(math.ceil(y0 + side)) + 3)
     if right <= left or bottom <= top:  # crop lies entirely outside the image
         return torch.zeros(3, size, size, dtype=torch.uint8)
-    window = np.ascontiguousarray(img[top:bottom, left:right])[None]
+    window = np.array(img[top:bottom, left:right])[None]  # a writable copy: decoded PIL arrays are read-only
     boxes = np.array([[x0 - left, y0 - top, side]])
     return _crop_batch(window, boxes, size, _supersample(side, size))[0]
 
 
 # ------------------------------------------------------------------------------------------ prepare
-def prepare(dataset: KeypointDataset, image_size: int, num_shots: int = 1, num_queries: int = 1) -> PreparedSplit:
+def query_shortfall_notes(categories: dict[int, Category], counts: dict[int, int], num_shots: int,
+                          num_queries: int) -> dict[int, str]:
+    """Notes for usable categories with fewer than num_shots + num_queries instances (queries repeat)."""
+    return {cid: (f"category {cid} ({categories[cid].name}) has {count} instances, fewer than num_shots + "
+                  f"num_queries = {num_shots + num_queries}: queries repeat within an episode")
+            for cid, count in counts.items() if count < num_shots + num_queries}
+
+
+def log_category_problems(source: str, skipped: dict[int, str], notes: dict[int, str]) -> None:
+    if skipped:
+        log.warning("%s: %d categor%s skipped (too few instances): %s", source or "dataset",
+                    len(skipped), "y" if len(skipped) == 1 else "ies", "; ".join(skipped.values()))
+    for note in notes.values():
+        log.warning("%s: %s", source or "dataset", note)
+
+
+def _crop_from_disk(dataset: KeypointDataset, rows: list[Instance], boxes: np.ndarray, images: torch.Tensor,
+                    image_size: int, threads: int) -> None:
+    """Read each image once, crop the windows its instances touch into `images`, `threads` images at a
+    time: PIL decoding and torch release the GIL, so threads scale over cores. Every row is computed
+    by the same single-image code whatever the thread count, so the pixels do not depend on it."""
+    by_image: dict[tuple[str, int], list[int]] = {}
+    for i in sorted(range(len(rows)), key=lambda i: (rows[i].file_name, rows[i].image_id, i)):
+        by_image.setdefault((rows[i].file_name, rows[i].image_id), []).append(i)
+
+    def crop_image(members: list[int]) -> None:
+        pixels = _checked_image(dataset, rows[members[0]])
+        for i in members:
+            images[i] = _crop_windowed(pixels, tuple(boxes[i]), image_size)
+
+    if threads <= 1:
+        for members in by_image.values():
+            crop_image(members)
+        return
+    with ThreadPoolExecutor(threads, thread_name_prefix="cape-ray-crop") as pool:
+        futures = [pool.submit(crop_image, members) for members in by_image.values()]
+        try:
+            for future in futures:  # in submission order: the first bad image in file order is reported
+                future.result()
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+
+
+def prepare(dataset: KeypointDataset, image_size: int, num_shots: int = 1, num_queries: int = 1, *,
+            threads: int = 1, allocate_images: Optional[Callable[[tuple[int, ...]], torch.Tensor]] = None
+            ) -> PreparedSplit:
     """Crop every instance of the categories that can form an episode (>= num_shots + 1 instances).
 
     Categories with fewer instances are listed in `skipped` (and logged), not raised on. Categories
     with at least num_shots + 1 but fewer than num_shots + num_queries instances stay usable: their
     episodes repeat query instances; they are listed in `notes`.
+
+    `threads` images are read and cropped at once (images on disk). `allocate_images(shape)` returns
+    the zeroed uint8 tensor to fill (for example one backed by a file); by default a new tensor.
     """
     if image_size < 1 or num_shots < 1 or num_queries < 1:
         raise ValueError(f"image_size, num_shots and num_queries must be >= 1, got {image_size}, "
                          f"{num_shots}, {num_queries}")
     need = num_shots + 1
     skipped: dict[int, str] = {}
-    notes: dict[int, str] = {}
     usable: list[int] = []
     for cid in dataset.category_ids:
         count = len(dataset.instances.get(cid, []))
-        name = dataset.categories[cid].name
         if count < need:
-            skipped[cid] = (f"category {cid} ({name}) has {count} usable instance(s); an episode needs "
-                            f"num_shots + 1 = {need}")
-            continue
-        usable.append(cid)
-        if count < num_shots + num_queries:
-            notes[cid] = (f"category {cid} ({name}) has {count} instances, fewer than num_shots + "
-                          f"num_queries = {num_shots + num_queries}: queries repeat within an episode")
-    if skipped:
-        log.warning("%s: %d categor%s skipped (too few instances): %s", dataset.source or "dataset",
-                    len(skipped), "y" if len(skipped) == 1 else "ies", "; ".join(skipped.values()))
-    for note in notes.values():
-        log.warning("%s: %s", dataset.source or "dataset", note)
+            skipped[cid] = (f"category {cid} ({dataset.categories[cid].name}) has {count} usable instance(s); "
+                            f"an episode needs num_shots + 1 = {need}")
+        else:
+            usable.append(cid)
+    notes = query_shortfall_notes(dataset.categories, {cid: len(dataset.instances[cid]) for cid in usable},
+                                  num_shots, num_queries)
+    log_category_problems(dataset.source, skipped, notes)
     if not usable:
         raise ValueError(f"{dataset.source or 'dataset'}: no category has num_shots + 1 = {need} instances, "
                          "so no episode can be formed; add instances or lower --num_shots")
@@ -200,7 +248,9 @@ def prepare(dataset: KeypointDataset, image_size: int, num_shots: int = 1, num_q
     affine[:, 0, 0] = affine[:, 1, 1] = boxes[:, 2]
     affine[:, :, 2] = boxes[:, :2]
 
-    images = torch.zeros(n, 3, image_size, image_size, dtype=torch.uint8)
+    image_shape = (n, 3, image_size, image_size)
+    images = (torch.zeros(image_shape, dtype=torch.uint8) if allocate_images is None
+              else allocate_images(image_shape))
     if all(inst.image is not None for inst in rows):
         # In memory (synthetic): one grid_sample per group of same-size images and supersampling.
         groups: dict[tuple, list[int]] = {}
@@ -214,14 +264,7 @@ def prepare(dataset: KeypointDataset, image_size: int, num_shots: int = 1, num_q
                 stack = np.stack([rows[i].image for i in idx])
                 images[idx] = _crop_batch(stack, boxes[idx], image_size, factor)
     else:
-        # Loaded from disk: read each image once, crop only the window its instances touch.
-        cached_key, cached = None, None
-        order = sorted(range(n), key=lambda i: (rows[i].file_name, rows[i].image_id, i))
-        for i in order:
-            key = (rows[i].file_name, rows[i].image_id)
-            if key != cached_key:
-                cached_key, cached = key, _checked_image(dataset, rows[i])
-            images[i] = _crop_windowed(cached, tuple(boxes[i]), image_size)
+        _crop_from_disk(dataset, rows, boxes, images, image_size, threads)
 
     rows_by_category: dict[int, np.ndarray] = {}
     start = 0
