@@ -155,12 +155,12 @@ def measure_memory_then_train(loop_config: dict) -> None:
 
     import cape_ray.data.cache  # noqa: F401  imported first: code is not data
     import cape_ray.data.mp100  # noqa: F401
-    from cape_ray import worker as worker_module
+    from cape_ray import engine, worker as worker_module
 
     rank = ray.train.get_context().get_world_rank()
     cache_dir = loop_config["cache_dir"]
     record = {"pid": os.getpid(), "before_data": pss_bytes(), "split_bytes": 0}
-    load, step = worker_module.load_split, worker_module.optimizer_step
+    load, step = worker_module.load_split, engine.train_step
 
     def load_and_measure(config, subset, num_queries):
         split = load(config, subset, num_queries)
@@ -182,7 +182,7 @@ def measure_memory_then_train(loop_config: dict) -> None:
             (out / f"rank_{rank}.json").write_text(json.dumps(record))
         return result
 
-    worker_module.load_split, worker_module.optimizer_step = load_and_measure, step_and_measure
+    worker_module.load_split, engine.train_step = load_and_measure, step_and_measure
     worker_module.train_loop_per_worker(loop_config)
 
 
