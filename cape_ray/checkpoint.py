@@ -45,6 +45,12 @@ class DiskSpaceError(OSError):
     """Not enough free space to write a checkpoint; nothing was deleted."""
 
 
+class StorageError(RuntimeError):
+    """A checkpoint cannot be stored: no space, no permission, over a quota. Retrying would fail the
+    same way, so the run stops (with the message) instead of spending restarts; a rerun after the
+    cause is fixed resumes from the last stored checkpoint."""
+
+
 # ----------------------------------------------------------------------------- names
 def format_lr(lr: float) -> str:
     """1e-4 -> '1e-4', 2.5e-4 -> '2.5e-4', 1.25e-4 -> '1.25e-4' (the original pipeline's spelling;

@@ -10,8 +10,13 @@ tidy     rank 0, at every start: remove orphans (checkpoints written but never r
          restore point) and bring the best exports in line with the restored tracking.
 
 Ray stays at the edge: the checkpointer is handed the storage filesystem and run directory, the
-latest checkpoint's path, the registered checkpoint names, and `report` / `gather` functions, so all
-of it runs (and is tested) without Ray.
+latest checkpoint's path, the registered checkpoint names, and `report` / `gather` / `all_reduce`
+functions, so all of it runs (and is tested) without Ray.
+
+Storage failures (no space, no permission, a quota) would repeat on every restart, so they stop the
+run with one message instead (StorageError, see save): the free space of a local or NFS storage path
+is checked before each upload, and the upload is made here, so that its failure is known to every
+rank before Ray is told of the checkpoint.
 
 Best exports. Ray keeps checkpoints by one score, so the best by each --best_metrics entry is copied
 to its export name (checkpoint_best_pck_..., checkpoint_best_loss_...). The copy is made right after
@@ -24,6 +29,7 @@ An old export is deleted only after the new one is complete.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -46,8 +52,9 @@ UNVALIDATED_SCORE = -1.0
 KEEP_EVERY_SCORE = 1e6
 RETENTION_KEY = "retention_score"
 
-ReportFn = Callable[[dict, Optional[str], str], None]  # (metrics, staged directory or None, name)
+ReportFn = Callable[[dict, Optional[str], str], None]  # (metrics, stored checkpoint path or None, name)
 GatherFn = Callable[[bytes], dict]  # this rank's blob -> {rank: blob} on rank 0 ({} elsewhere)
+AllReduceFn = Callable[[dict], dict]  # {key: float} -> the sums over ranks
 
 
 def retention_slots(config: TrainConfig) -> Optional[int]:
@@ -144,13 +151,14 @@ def resolve_resume(uri: str) -> tuple[pafs.FileSystem, str]:
 
 class Checkpointer:
     def __init__(self, config: TrainConfig, *, fs: pafs.FileSystem, run_dir: str, latest: Optional[str],
-                 registered: Iterable[str], rank: int, world_size: int, report: ReportFn, gather: GatherFn):
+                 registered: Iterable[str], rank: int, world_size: int, report: ReportFn, gather: GatherFn,
+                 all_reduce: AllReduceFn):
         self.config = config
         self.fs, self.run_dir = fs, run_dir.rstrip("/")
         self.latest = latest.rstrip("/") if latest else None
         self.registered = set(registered)
         self.rank, self.world_size = rank, world_size
-        self._report, self._gather = report, gather
+        self._report, self._gather, self._all_reduce = report, gather, all_reduce
 
     # ------------------------------------------------------------------ restore
     def restore(self) -> Optional[Restored]:
@@ -260,23 +268,53 @@ class Checkpointer:
 
     def save(self, name: str, state: TrainState, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
              scheduler: Any, running: dict[str, Any], metrics: dict[str, Any]) -> None:
-        """Write this position as checkpoint `name` (rank 0) and report it (all ranks: a barrier)."""
+        """Write this position as checkpoint `name` and report it (every rank: a barrier).
+
+        Rank 0 stages the checkpoint, checks the storage has room for it and the exports it will
+        get, and uploads it (manifest last); Ray then registers it without uploading again. Whether
+        that worked is agreed by every rank before reporting, so that a storage failure stops all
+        of them with StorageError instead of leaving the others waiting in the report.
+        """
         blobs = self._gather(ckpt.serialize({**rng.capture(), **running}))
-        if self.rank != 0:
-            self._report(metrics, None, name)
-            return
-        # An unregistered leftover of the same name (a lost report) is cleared first, so that no
-        # stale file survives the merge of the new upload into it.
-        storage.delete_dir(self.fs, f"{self.run_dir}/{name}")
-        staging = tempfile.mkdtemp(prefix="cape_ray_ckpt_")
-        try:
-            ckpt.write_checkpoint(staging, model=model.state_dict(), optimizer=optimizer.state_dict(),
-                                  scheduler=scheduler.state_dict(), state=state.state_dict(metrics),
-                                  rank_states=blobs)
-            self._report(metrics, staging, name)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        target, problem = f"{self.run_dir}/{name}", None
+        if self.rank == 0:
+            staging = tempfile.mkdtemp(prefix="cape_ray_ckpt_")
+            try:
+                ckpt.write_checkpoint(staging, model=model.state_dict(), optimizer=optimizer.state_dict(),
+                                      scheduler=scheduler.state_dict(), state=state.state_dict(metrics),
+                                      rank_states=blobs)
+                new_exports = sum(tracker.checkpoint == name for tracker in state.tracking.best.values())
+                problem = self._store(staging, target, new_exports)
+            except OSError as exc:  # the local staging directory (TMPDIR) is full or unwritable
+                problem = str(exc)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+        if self._all_reduce({"storage_failed": float(problem is not None)})["storage_failed"]:
+            raise ckpt.StorageError(problem or f"rank 0 could not store checkpoint {name} (see its message)")
+        self._report(metrics, target if self.rank == 0 else None, name)
         self.registered.add(name)
+
+    def _store(self, staging: str, target: str, new_exports: int) -> Optional[str]:
+        """Upload `staging` to `target`; the reason it cannot be stored, or None."""
+        size = sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(staging) for f in files)
+        needed = size * (1 + new_exports) + ckpt.DISK_MARGIN_BYTES  # the checkpoint and its new best exports
+        free = storage.free_bytes(self.fs, self.run_dir)
+        if free is not None and free < needed:
+            return (f"not enough space to store checkpoint {target}: needs {needed} bytes (the checkpoint"
+                    f"{f' and {new_exports} best export(s)' if new_exports else ''}), {free} bytes free. Free space "
+                    f"there (no checkpoint was deleted) and rerun the same command: it resumes from the last stored "
+                    f"checkpoint.")
+        try:
+            # An unregistered leftover of the same name (a lost report) is cleared first, so that no
+            # stale file survives in it.
+            storage.delete_dir(self.fs, target)
+            storage.upload_checkpoint(staging, self.fs, target)
+        except OSError as exc:  # permission, quota, a disk that filled up meanwhile
+            storage.delete_dir_quietly(self.fs, target)
+            return (f"cannot store checkpoint {storage.display(target, self.fs)} ({needed} bytes): "
+                    f"{str(exc).splitlines()[0]}. Fix the storage (space, permissions, quota) and rerun the same "
+                    f"command: it resumes from the last stored checkpoint.")
+        return None
 
 
 # ---------------------------------------------------------------------------- best exports

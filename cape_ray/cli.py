@@ -105,6 +105,9 @@ def cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     except LeaseError as exc:  # another driver trains this run: one line, no traceback
         print(f"cape-ray train: error: {exc}", file=sys.stderr)
         return 3
+    except job.RunStopped as exc:  # e.g. storage full: restarting would fail the same way
+        print(f"cape-ray train: error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -40,16 +40,20 @@ class ConsoleRelay:
     def __init__(self) -> None:
         self.lines: list[str] = []
         self.bar: Optional[str] = None
+        self.failure: Optional[str] = None  # why the workers stopped the run, if they did
 
     def write(self, text: str) -> None:
         self.lines.append(text)
 
+    def fail(self, message: str) -> None:
+        self.failure = message
+
     def progress(self, bar: Optional[str]) -> None:
         self.bar = bar
 
-    def take(self) -> tuple[list[str], Optional[str]]:
+    def take(self) -> tuple[list[str], Optional[str], Optional[str]]:
         lines, self.lines = self.lines, []
-        return lines, self.bar
+        return lines, self.bar, self.failure
 
 
 class DriverConsole:
@@ -63,6 +67,7 @@ class DriverConsole:
         self._thread: Optional[threading.Thread] = None
         self._bar: Optional[str] = None
         self._interactive = self.stream.isatty()
+        self.failure: Optional[str] = None  # set when the workers stopped the run (StorageError)
 
     def __enter__(self) -> "DriverConsole":
         import ray
@@ -90,7 +95,7 @@ class DriverConsole:
         import ray
 
         try:
-            lines, bar = ray.get(self.actor.take.remote(), timeout=30)
+            lines, bar, self.failure = ray.get(self.actor.take.remote(), timeout=30)
         except Exception:  # noqa: BLE001 - a console hiccup must never stop training
             return
         out = self.stream

@@ -53,6 +53,10 @@ def build_trainer(config: TrainConfig, train_fn: Callable[[dict], None] = train_
                         scaling_config=scaling, run_config=run_config)
 
 
+class RunStopped(RuntimeError):
+    """The workers stopped the run on a failure that restarting cannot fix (its message says which)."""
+
+
 def run(config: TrainConfig, *, init_ray: bool = True, train_fn: Callable[[dict], None] = train_loop_per_worker,
         train_loop_config: Optional[dict] = None) -> Optional[Result]:
     """Check what can be checked before Ray starts, take the run's lease, then train. Returns None
@@ -73,9 +77,11 @@ def run(config: TrainConfig, *, init_ray: bool = True, train_fn: Callable[[dict]
             # and otherwise starts a local instance on this machine. Ray's own output reaches
             # this driver only with --verbose; the project's lines come through the console relay.
             ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=config.verbose)
-        with DriverConsole(config.name):
+        with DriverConsole(config.name) as console:
             result = build_trainer(config, train_fn, train_loop_config).fit()
     print(summary(result), flush=True)
+    if console.failure:
+        raise RunStopped(console.failure)
     return result
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import tempfile
 from typing import Iterator, Optional
 
@@ -47,6 +48,19 @@ def delete_dir(fs: pafs.FileSystem, path: str) -> None:
         fs.delete_dir(path)
 
 
+def delete_dir_quietly(fs: pafs.FileSystem, path: str) -> None:
+    """Remove what a failed write left, if the storage lets us; a failure here changes nothing."""
+    try:
+        delete_dir(fs, path)
+    except OSError:
+        pass
+
+
+def display(path: str, fs: pafs.FileSystem) -> str:
+    """A path on `fs` as a user writes it: s3://bucket/key for object stores, the path for disks."""
+    return path if isinstance(fs, pafs.LocalFileSystem) else f"{fs.type_name}://{path}"
+
+
 def download(fs: pafs.FileSystem, path: str, local_dir: str) -> str:
     """Copy a storage directory to a local directory (no-op for a local filesystem: read in place)."""
     if isinstance(fs, pafs.LocalFileSystem):
@@ -61,6 +75,30 @@ def local_copy(fs: pafs.FileSystem, path: str) -> Iterator[str]:
     on a local filesystem)."""
     with tempfile.TemporaryDirectory(prefix="cape_ray_copy_") as tmp:
         yield download(fs, path, tmp)
+
+
+def free_bytes(fs: pafs.FileSystem, path: str) -> Optional[int]:
+    """Free bytes of the local or NFS filesystem holding `path` (or its nearest existing parent);
+    None for object stores, which have no such figure."""
+    if not isinstance(fs, pafs.LocalFileSystem):
+        return None
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    return shutil.disk_usage(probe).free
+
+
+def upload_checkpoint(local_dir: str, fs: pafs.FileSystem, path: str) -> None:
+    """Copy a staged checkpoint directory to `path` on `fs`, manifest last: an upload cut short
+    never verifies."""
+    files = sorted(os.path.relpath(os.path.join(root, f), local_dir)
+                   for root, _, names in os.walk(local_dir) for f in names)
+    files.sort(key=lambda name: name == MANIFEST)
+    for relative in files:
+        target = f"{path}/{relative}"
+        fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+        with open(os.path.join(local_dir, relative), "rb") as source, fs.open_output_stream(target) as out:
+            shutil.copyfileobj(source, out, 1 << 22)
 
 
 def problems(fs: pafs.FileSystem, path: str) -> list[str]:

@@ -27,8 +27,16 @@ log = logging.getLogger("cape_ray")
 
 
 def train_loop_per_worker(config_dict: dict[str, Any], edge: Optional["RayEdge"] = None) -> None:
-    config = TrainConfig.from_dict(config_dict)
+    """Ray Train's entry point. A storage failure (no space, permission, quota) would repeat on
+    every restart: the run stops with its message instead (see RayEdge.stop)."""
     edge = edge or RayEdge()
+    try:
+        train(TrainConfig.from_dict(config_dict), edge)
+    except ckpt.StorageError as failure:
+        edge.stop(failure)
+
+
+def train(config: TrainConfig, edge) -> None:
     rank, world_size, device = edge.rank, edge.world_size, edge.device
     torch.set_num_threads(config.num_threads)  # the thread count changes float rounding: fix it
 
@@ -42,7 +50,7 @@ def train_loop_per_worker(config_dict: dict[str, Any], edge: Optional["RayEdge"]
     rng.seed_everything(rng.derived_seed(config.seed, rank))  # ... then a dropout stream per rank
     checkpointer = Checkpointer(config, fs=edge.fs, run_dir=edge.run_dir, latest=edge.latest,
                                 registered=edge.registered, rank=rank, world_size=world_size,
-                                report=edge.report, gather=edge.gather)
+                                report=edge.report, gather=edge.gather, all_reduce=edge.all_reduce)
 
     # ---- restore: Ray's latest (a restart or a rerun) or --resume; model, optimizer, state, RNG last
     restored = checkpointer.restore()
@@ -159,7 +167,7 @@ class RayEdge:
         latest = ray.train.get_checkpoint()
         self.latest = latest.path if latest is not None else None
         # The driver's console relay (console.py): lines and warnings are printed there, once.
-        relay = find_relay(context.get_experiment_name())
+        self.relay = relay = find_relay(context.get_experiment_name())
         self.say = (lambda text: relay.write.remote(text)) if relay else None
         self.progress = (lambda bar: relay.progress.remote(bar)) if relay else None
         if relay is not None and not any(isinstance(h, RelayLogHandler) for h in log.handlers):
@@ -172,11 +180,25 @@ class RayEdge:
 
         return ray.train.torch.prepare_model(model)
 
-    def report(self, metrics: dict, directory: Optional[str], name: str) -> None:
+    def report(self, metrics: dict, stored: Optional[str], name: str) -> None:
+        """Register the checkpoint the Checkpointer already stored at `stored` (rank 0)."""
         import ray.train
+        from ray.train import CheckpointUploadMode
 
-        checkpoint = ray.train.Checkpoint.from_directory(directory) if directory else None
-        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+        checkpoint = ray.train.Checkpoint(path=stored, filesystem=self.fs) if stored else None
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name,
+                         checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
+
+    def stop(self, failure: Exception) -> None:
+        """End this worker's training without a failure Ray would retry: the driver's console
+        relay carries the message, and the driver exits with it. Without a relay (the train
+        function run some other way), the failure is raised as it is."""
+        if self.relay is None:
+            raise failure
+        if self.rank == 0:
+            import ray
+
+            ray.get(self.relay.fail.remote(str(failure)))
 
     def gather(self, blob: bytes) -> dict[int, bytes]:
         """Every rank's blob on rank 0 ({} on the others)."""

@@ -1,7 +1,7 @@
 """The training loop's view of Ray, in one process: for fast tests of the real loop without Ray.
 
-`LocalEdge` is rank 0 of a world of 1 on the CPU. A report copies the staged checkpoint into the run
-directory and registers it at once, and, like Ray's controller, then runs the best-export callback.
+`LocalEdge` is rank 0 of a world of 1 on the CPU. A report registers the checkpoint the Checkpointer
+stored in the run directory at once, and, like Ray's controller, then runs the best-export callback.
 `crash_after` stops the run with `Crash` right after the N-th report has been registered (before
 its export when `crash_before_export`), the way a killed process would leave it; a new edge made with
 `LocalEdge.after(edge)` then plays the restart: the same run directory, the last registered
@@ -10,7 +10,6 @@ checkpoint as the latest.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -54,17 +53,15 @@ class LocalEdge:
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         return model
 
-    def report(self, metrics: dict, directory: Optional[str], name: str) -> None:
+    def report(self, metrics: dict, stored: Optional[str], name: str) -> None:
         self.reports.append((name, dict(metrics)))
-        if directory is not None:
-            target = f"{self.run_dir}/{name}"
-            shutil.copytree(directory, target, dirs_exist_ok=True)
+        if stored is not None:  # the Checkpointer stored it in the run directory: register it
             self.registered.add(name)
-            self.latest = target
+            self.latest = stored
         crash = self.crash_after is not None and len(self.reports) >= self.crash_after
         if crash and self.crash_before_export:
             raise Crash(f"after registering {name}, before its export")
-        if directory is not None:
+        if stored is not None:
             self.exporter.after_report(None, [metrics], _Checkpoint(self.latest))
         if crash:
             raise Crash(f"after report {len(self.reports)} ({name})")
@@ -77,3 +74,6 @@ class LocalEdge:
 
     def preemption_notice(self):
         return None
+
+    def stop(self, failure: Exception) -> None:
+        raise failure

@@ -4,6 +4,7 @@ continues from, what it restores on which rank, what it removes and what it expo
 from __future__ import annotations
 
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -24,16 +25,18 @@ E1, E2, E3 = (f"checkpoint_e00{e}_lr3e-3_bs2_acc2_qpe2" for e in (1, 2, 3))
 E2_S1 = E2 + "_s000001"
 
 
-def checkpointer(run_dir: Path, config, *, latest=None, registered=(), rank=0, world_size=1, reports=None):
-    def report(metrics, directory, name):
+def checkpointer(run_dir: Path, config, *, latest=None, registered=(), rank=0, world_size=1, reports=None,
+                 others_failed=False):
+    def report(metrics, stored, name):
         if reports is not None:
-            reports.append(name)
-        if directory:
-            shutil.copytree(directory, run_dir / name, dirs_exist_ok=True)
+            reports.append((name, stored))
+
+    def all_reduce(values):  # the other ranks contribute 1 per key when they failed
+        return {k: v + (world_size - 1) * float(others_failed) for k, v in values.items()}
 
     return Checkpointer(config, fs=pafs.LocalFileSystem(), run_dir=str(run_dir),
                         latest=None if latest is None else str(run_dir / latest), registered=registered, rank=rank,
-                        world_size=world_size, report=report, gather=lambda blob: {0: blob})
+                        world_size=world_size, report=report, gather=lambda blob: {0: blob}, all_reduce=all_reduce)
 
 
 def damage(path: Path) -> None:
@@ -175,4 +178,54 @@ def test_save_reports_on_every_rank_but_writes_only_on_rank_zero(tmp_path):
     optimizer = engine.build_optimizer(model, config)
     scheduler = engine.build_scheduler(optimizer, config, 10)
     other.save(E1, TrainState.fresh(config, 2), model, optimizer, scheduler, {"loss_sum": 0.0, "loss_count": 0}, {})
-    assert reports == [E1] and not (tmp_path / E1).exists()
+    assert reports == [(E1, None)] and not (tmp_path / E1).exists()
+
+
+def saving(tmp_path, **options):
+    config = make_config(tmp_path)
+    model = build_model(config)
+    optimizer = engine.build_optimizer(model, config)
+    scheduler = engine.build_scheduler(optimizer, config, 10)
+    node = checkpointer(tmp_path / "run", config, **options)
+    state = TrainState.fresh(config, options.get("world_size", 1))
+    return node, lambda: node.save(E1, state, model, optimizer, scheduler, {"loss_sum": 0.0, "loss_count": 0}, {})
+
+
+def test_a_full_storage_stops_the_save_with_the_path_and_the_bytes_needed(tmp_path, monkeypatch):
+    from cape_ray import storage
+
+    reports = []
+    _, save = saving(tmp_path, reports=reports)
+    monkeypatch.setattr(storage, "free_bytes", lambda fs, path: 1000)
+    with pytest.raises(ckpt.StorageError) as failure:
+        save()
+    message = str(failure.value)
+    assert f"not enough space to store checkpoint {tmp_path / 'run' / E1}: needs " in message
+    assert re.search(r"needs \d+ bytes \(the checkpoint\), 1000 bytes free", message)
+    assert "rerun the same command" in message
+    assert reports == [] and not (tmp_path / "run" / E1).exists()  # nothing reported, nothing half-written
+
+
+def test_a_refused_upload_stops_the_save_and_leaves_nothing(tmp_path, monkeypatch):
+    from cape_ray import storage
+
+    upload = storage.upload_checkpoint
+
+    def denied(local_dir, fs, path):
+        upload(local_dir, fs, path)  # part of it lands, then the store refuses
+        raise PermissionError(13, "AccessDenied: quota exceeded")
+
+    monkeypatch.setattr(storage, "upload_checkpoint", denied)
+    reports = []
+    _, save = saving(tmp_path, reports=reports)
+    with pytest.raises(ckpt.StorageError, match=r"cannot store checkpoint .*AccessDenied: quota exceeded.*rerun"):
+        save()
+    assert reports == [] and not (tmp_path / "run" / E1).exists()
+
+
+def test_every_rank_stops_when_rank_zero_cannot_store(tmp_path):
+    reports = []
+    _, save = saving(tmp_path, rank=1, world_size=2, reports=reports, others_failed=True)
+    with pytest.raises(ckpt.StorageError, match="rank 0 could not store checkpoint"):
+        save()
+    assert reports == []  # no rank enters Ray's report barrier alone

@@ -8,7 +8,6 @@ queries per validation category; 32 px images and a 16-channel model. Tests chan
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -69,10 +68,8 @@ def write_checkpoint(run_dir, name: str, config: TrainConfig, *, seed: int = 0, 
     blobs = {rank: serialize(value) for rank, value in rank_states.items()}
     Path(run_dir).mkdir(parents=True, exist_ok=True)
 
-    def report(metrics, directory, checkpoint_name):
-        shutil.copytree(directory, Path(run_dir) / checkpoint_name, dirs_exist_ok=True)
-
     checkpointer = Checkpointer(config, fs=pafs.LocalFileSystem(), run_dir=str(run_dir), latest=None, registered=(),
-                                rank=0, world_size=ranks, report=report, gather=lambda blob: blobs)
+                                rank=0, world_size=ranks, report=lambda metrics, stored, name: None,
+                                gather=lambda blob: blobs, all_reduce=dict)
     checkpointer.save(name, state, model, optimizer, scheduler, rank_states[0], metrics or {"val_pck": 0.5})
     return Path(run_dir) / name
