@@ -35,3 +35,11 @@ def tiny_config(tmp_path):
     from tiny import make_config
 
     return lambda name="run", **changes: make_config(tmp_path, name, **changes)
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    """A moto S3 server on loopback with an empty bucket; yields 'host:port' (tests/s3_server.py)."""
+    from s3_server import run_s3_server
+
+    yield from run_s3_server()

@@ -83,6 +83,22 @@ def test_submission_without_the_token_is_refused(head, tmp_path):
     assert {j["submission_id"] for j in jobs(head)} == before, "a refused submission must not create a job"
 
 
+def assert_completed_run(run_dir: Path, epochs: int) -> ckpt.LoadedCheckpoint:
+    """Ray's snapshot, the epoch checkpoints, both best exports, every directory verifying; the
+    final checkpoint's history of `epochs` epochs (returned)."""
+    assert (run_dir / "checkpoint_manager_snapshot.json").exists()
+    names = sorted(p.name for p in run_dir.iterdir() if p.is_dir() and p.name.startswith("checkpoint_"))
+    final_name = f"checkpoint_e{epochs:03d}_lr3e-3_bs2_acc2_qpe2"
+    assert final_name in names
+    assert any(n.startswith("checkpoint_best_pck_") for n in names)
+    assert any(n.startswith("checkpoint_best_loss_") for n in names)
+    for name in names:
+        assert ckpt.verify_checkpoint(run_dir / name) == [], name
+    final = ckpt.load_checkpoint(run_dir / final_name)
+    assert [h["epoch"] for h in final.state["history"]] == list(range(1, epochs + 1))
+    return final
+
+
 @pytest.mark.slow
 def test_submit_sh_with_the_token_runs_the_real_entrypoint(head, tmp_path):
     storage = tmp_path / "runs"
@@ -99,15 +115,7 @@ def test_submit_sh_with_the_token_runs_the_real_entrypoint(head, tmp_path):
     assert job["entrypoint"].startswith("python -m cape_ray train --name authrun --storage_path ")
 
     run_dir = storage / "authrun"
-    assert (run_dir / "checkpoint_manager_snapshot.json").exists()
-    names = sorted(p.name for p in run_dir.iterdir() if p.is_dir() and p.name.startswith("checkpoint_"))
-    assert "checkpoint_e002_lr3e-3_bs2_acc2_qpe2" in names
-    assert any(n.startswith("checkpoint_best_pck_") for n in names)
-    assert any(n.startswith("checkpoint_best_loss_") for n in names)
-    for name in names:
-        assert ckpt.verify_checkpoint(run_dir / name) == [], name
-    final = ckpt.load_checkpoint(run_dir / "checkpoint_e002_lr3e-3_bs2_acc2_qpe2")
-    assert [h["epoch"] for h in final.state["history"]] == [1, 2]
+    assert_completed_run(run_dir, 2)
 
     # The same name again with one more epoch: a fresh submission id, and the run resumes.
     again = subprocess.run([str(CLUSTER / "submit.sh"), "--name", "authrun", "--storage_path", str(storage),
@@ -211,14 +219,7 @@ def test_a_second_driver_on_a_training_run_fails_fast(head, tmp_path):
             first.wait()
         log.close()
     assert not (run_dir / "driver_lease.json").exists()  # released at the end
-    names = sorted(p.name for p in run_dir.iterdir() if p.is_dir() and p.name.startswith("checkpoint_"))
-    assert "checkpoint_e002_lr3e-3_bs2_acc2_qpe2" in names
-    assert any(n.startswith("checkpoint_best_pck_") for n in names)
-    assert any(n.startswith("checkpoint_best_loss_") for n in names)
-    for name in names:
-        assert ckpt.verify_checkpoint(run_dir / name) == [], name
-    final = ckpt.load_checkpoint(run_dir / "checkpoint_e002_lr3e-3_bs2_acc2_qpe2")
-    assert [h["epoch"] for h in final.state["history"]] == [1, 2]
+    final = assert_completed_run(run_dir, 2)
     assert final.state["position"]["global_step"] == 400  # one driver's steps, none twice
 
 

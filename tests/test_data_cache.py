@@ -313,14 +313,16 @@ def test_worker_killed_with_a_cache_resumes_bitwise_equal_to_a_run_without_it(ra
     from ray import cloudpickle
 
     import faults
-    from test_ray_job import assert_bitwise_equal, final_checkpoint, fit, make_config
+    from test_ray_job import assert_bitwise_equal, final_checkpoint, fit
+    from tiny import make_config
 
     cloudpickle.register_pickle_by_value(faults)
-    uncached = make_config(tmp_path, "uncached", data_root=str(shared_data), cache_dir="", epochs=2)
+    two_workers = dict(num_workers="2", episodes_per_epoch=32, keep=100, epochs=2)
+    uncached = make_config(tmp_path, "uncached", data_root=str(shared_data), cache_dir="", **two_workers)
     assert fit(uncached).error is None
 
     cache_dir = tmp_path / "cache"
-    cached = make_config(tmp_path, "cached", data_root=str(shared_data), cache_dir=str(cache_dir), epochs=2)
+    cached = make_config(tmp_path, "cached", data_root=str(shared_data), cache_dir=str(cache_dir), **two_workers)
     # 8 compute_loss calls per epoch per rank: call 14 is epoch 2, step 3, after its mid-epoch checkpoints
     plan = {"rank": 1, "kill_at_call": 14, "marker": str(tmp_path / "killed.marker"), "log": str(tmp_path / "starts.log")}
     result = fit(cached, faults.train_with_faults, {**cached.to_dict(), "_fault_plan": plan})

@@ -20,6 +20,7 @@ import pytest
 
 from cape_ray import cli, lease, storage
 from cape_ray.lease import LEASE_FILE, Clock, DriverLease, LeaseContended, LeaseHeld, LeaseLost
+from s3_server import s3_uri
 
 
 class FakeClock:
@@ -194,33 +195,40 @@ class Straggler(DriverLease):
         return seen
 
 
-@pytest.mark.parametrize("round_", range(3))
-def test_concurrent_claimants_with_real_threads(tmp_path, round_):
-    """Four threads claim one run at once on the real clock, one of them stalling past the settle
-    delay between its read and its write (it would otherwise overwrite a settled winner and win
-    too): at most one wins, never the straggler."""
-    rng = random.Random(round_)
+def race(uri: str, claimants: int, jitter: random.Random | None = None) -> dict[int, object]:
+    """`claimants` threads claim run 'race' at once on the real clock; claimant 0 is a Straggler
+    that stalls past the settle delay between its read and its write. -> index: lease or error."""
     Straggler.has_read = threading.Event()
     results: dict[int, object] = {}
 
     def contender(index: int) -> None:
         kind = Straggler if index == 0 else DriverLease
-        candidate = kind(str(tmp_path), "race", timeout_s=60, interval_s=10, settle_s=0.6,
+        candidate = kind(uri, "race", timeout_s=60, interval_s=10, settle_s=0.6,
                          identity=other_machine(f"node-{index}", 1000 + index))
         if index:  # the others start once the straggler has seen the empty run
             Straggler.has_read.wait(10)
-            time.sleep(rng.uniform(0, 0.02))
+            if jitter is not None:
+                time.sleep(jitter.uniform(0, 0.02))
         try:
             candidate.acquire()
             results[index] = candidate
         except lease.LeaseError as exc:
             results[index] = exc
 
-    threads = [threading.Thread(target=contender, args=(i,)) for i in range(4)]
+    threads = [threading.Thread(target=contender, args=(i,)) for i in range(claimants)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
+    return results
+
+
+@pytest.mark.parametrize("round_", range(3))
+def test_concurrent_claimants_with_real_threads(tmp_path, round_):
+    """Four threads claim one run at once, one of them stalling past the settle delay between its
+    read and its write (it would otherwise overwrite a settled winner and win too): at most one
+    wins, never the straggler."""
+    results = race(str(tmp_path), 4, random.Random(round_))
     winners = [r for r in results.values() if isinstance(r, DriverLease)]
     assert len(winners) <= 1, [str(r) for r in results.values()]
     assert isinstance(results[0], LeaseContended), results[0]
@@ -308,8 +316,6 @@ def test_storage_uri_credentials_stay_out_of_messages():
 
 
 # ----------------------------------------------------------------------------- the same on S3
-# The moto S3 server on loopback of the storage tests (a module fixture) and its URI helper.
-from test_s3 import s3_endpoint, s3_uri  # noqa: E402,F401
 
 
 def test_the_lease_on_s3(s3_endpoint):
@@ -343,27 +349,7 @@ def test_the_lease_on_s3(s3_endpoint):
 
 
 def test_concurrent_claimants_on_s3(s3_endpoint):
-    uri = s3_uri(s3_endpoint, "race")
-    Straggler.has_read = threading.Event()
-    results: dict[int, object] = {}
-
-    def contender(index: int) -> None:
-        kind = Straggler if index == 0 else DriverLease
-        candidate = kind(uri, "race", timeout_s=60, interval_s=10, settle_s=0.6,
-                         identity=other_machine(f"node-{index}", 1000 + index))
-        if index:
-            Straggler.has_read.wait(10)
-        try:
-            candidate.acquire()
-            results[index] = candidate
-        except lease.LeaseError as exc:
-            results[index] = exc
-
-    threads = [threading.Thread(target=contender, args=(i,)) for i in range(3)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    results = race(s3_uri(s3_endpoint, "race"), 3)
     assert len([r for r in results.values() if isinstance(r, DriverLease)]) <= 1, results
     assert isinstance(results[0], LeaseContended), results[0]
 

@@ -249,7 +249,7 @@ def test_a_worker_node_drained_for_preemption(cluster, tmp_path):
     output = run.finish()
     total = time.time() - started
 
-    assert jit_state["metrics"]["val_pck"] == -1.0 and jit_state["position"]["step"] > 0
+    assert jit_state["metrics"]["retention_score"] == -1.0 and jit_state["position"]["step"] > 0
     assert ckpt.verify_checkpoint(run.run_dir / jit_name) == [] or not (run.run_dir / jit_name).exists()
     assert "preemption notice for ranks [1]" in output
     info = cluster.node_info(victim)

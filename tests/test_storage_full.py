@@ -13,7 +13,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -72,6 +71,6 @@ def test_full_storage_stops_the_run_in_one_line_and_a_rerun_resumes(ray_cluster,
     assert "Checkpoint: checkpoint_e001_lr3e-3_bs2_acc2_qpe2  [" in second.stdout
     final = ckpt.load_checkpoint(run_dir / "checkpoint_e002_lr3e-3_bs2_acc2_qpe2")
     assert [h["epoch"] for h in final.state["history"]] == [1, 2]
-    for name in os.listdir(run_dir):
-        if name.startswith("checkpoint_"):
-            assert ckpt.verify_checkpoint(run_dir / name) == [], name
+    for path in run_dir.glob("checkpoint_*"):
+        if path.is_dir():
+            assert ckpt.verify_checkpoint(path) == [], path.name
