@@ -70,6 +70,7 @@ class TrainConfig:
     # --- resources and fault tolerance ---
     num_workers: str = "1"  # "N" or "MIN:MAX" (elastic)
     use_gpu: bool = False
+    deterministic: Optional[bool] = None  # deterministic CUDA kernels; None = on with use_gpu (CPU is anyway)
     cpus_per_worker: float = 1.0
     num_threads: int = 1  # torch CPU threads per worker: fixed, because it changes float rounding
     max_failures: int = 3
@@ -121,6 +122,8 @@ class TrainConfig:
         need(self.synthetic_canvas >= 32, "synthetic_canvas", f"must be >= 32 pixels, got {self.synthetic_canvas!r}")
         need(self.backbone in ("small", "large"), "backbone", f"must be small or large, got {self.backbone!r}")
         need(self.progress in ("auto", "bar", "lines"), "progress", f"must be auto, bar or lines, got {self.progress!r}")
+        need(self.deterministic is None or isinstance(self.deterministic, bool), "deterministic",
+             f"must be true, false or unset, got {self.deterministic!r}")
         self.worker_range()  # raises on a malformed --num_workers
         try:
             parse_best_metrics(self.best_metrics)
