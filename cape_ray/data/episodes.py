@@ -325,7 +325,7 @@ def assemble(split: PreparedSplit, rows: torch.Tensor, counts: torch.Tensor, wid
         theta, forward, inverse = matrices
         pixels, keypoints = warp(pixels, keypoints, theta, forward)
         inside = ((keypoints >= 0) & (keypoints <= 1)).all(-1)
-        row_mask = mask.repeat_interleave(per, dim=0)
+        row_mask = mask[:, None].expand(b, per, width).reshape(b * per, width)  # each episode's mask per image
         visible = visible & inside & row_mask
         keypoints = keypoints * row_mask[..., None]  # padding stays exactly 0
         query_inverse = inverse.view(b, per, 2, 3)[:, shots:]
