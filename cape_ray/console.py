@@ -198,7 +198,7 @@ def device_line(saved_device: str, device: str) -> str:
     if saved_device == device:
         return f"  {mark(True)} Device: {device}, as when the checkpoint was written"
     return (f"  {mark(True)} Weights and optimizer state moved from {saved_device} to {device}: the run continues "
-            f"deterministically, but not bit for bit as it would have on {saved_device}")
+            f"from the checkpoint, but not bit for bit as it would have on {saved_device}")
 
 
 def determinism_line(saved_state: dict, state) -> str:
