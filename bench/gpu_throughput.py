@@ -14,7 +14,8 @@ For the default config (or the flags' changes) on `--device` (default: cuda when
   4. where the rest goes, in this process: a step with the worker's batch path (the epoch planned,
      batches built on the device), the previous path (episodes collated on the CPU and copied every
      step), and the per-epoch planning;
-  5. what deterministic mode costs: the worker's path with and without it, in alternating rounds.
+  5. what deterministic mode costs: the worker's path with and without it (and with it but without
+     torch's filling of uninitialized memory, a part of its cost), in alternating rounds.
 `--profile` adds a torch.profiler table of a few steady-state steps of the worker's path.
 """
 
@@ -62,7 +63,7 @@ def ray_steady_state(config: TrainConfig) -> tuple[float, str]:
         return first["global_step"] / first["train_time_total_s"], "epoch 1, warm-up included"
     first, last = reports[0], reports[-1]
     rate = (last["global_step"] - first["global_step"]) / (last["train_time_total_s"] - first["train_time_total_s"])
-    return rate, f"epochs 2..{len(reports)}"
+    return rate, "epoch 2" if len(reports) == 2 else f"epochs 2..{len(reports)}"
 
 
 # ----------------------------------------------------------------------------- in this process
@@ -149,15 +150,26 @@ def planning_seconds(config: TrainConfig, split: PreparedSplit, device: torch.de
 
 
 def deterministic_cost(config: TrainConfig, split: PreparedSplit, device: torch.device, steps: int, warmup: int,
-                       rounds: int) -> tuple[float, float]:
-    """Median steps/s of the worker's path with and without deterministic mode, alternating rounds
-    so that drifts of the machine hit both alike."""
-    on, off = [], []
-    for _ in range(rounds):
-        for enforced, rates in ((True, on), (False, off)):
-            with determinism.algorithms(enforced):
-                rates.append(worker_path(config, split, device, steps, warmup))
-    return statistics.median(on), statistics.median(off)
+                       rounds: int) -> dict[str, float]:
+    """Median steps/s of the worker's path with deterministic mode on (as the worker runs it), on
+    without filling uninitialized memory, and off, in alternating rounds so that drifts of the
+    machine hit all alike."""
+    import torch.utils.deterministic as deterministic_settings
+
+    variants = {"on": (True, True), "on, no fill": (True, False), "off": (False, True)}
+    rates: dict[str, list[float]] = {name: [] for name in variants}
+    filling = deterministic_settings.fill_uninitialized_memory
+    try:
+        for _ in range(rounds):
+            for name, (enforced, fill) in variants.items():
+                # With the mode on, torch fills every torch.empty with NaN by default, so that a kernel
+                # reading memory it never wrote cannot vary: a cost the worker keeps.
+                deterministic_settings.fill_uninitialized_memory = fill
+                with determinism.algorithms(enforced):
+                    rates[name].append(worker_path(config, split, device, steps, warmup))
+    finally:
+        deterministic_settings.fill_uninitialized_memory = filling
+    return {name: statistics.median(values) for name, values in rates.items()}
 
 
 def profile(config: TrainConfig, split: PreparedSplit, device: torch.device, steps: int = 5) -> str:
@@ -230,7 +242,7 @@ def main() -> None:
         previous_rate = previous_path(config, split, device, steps, warmup)
         plan_s = planning_seconds(config, split, device)
         table = profile(config, split, device) if args.profile else None
-    on_rate, off_rate = deterministic_cost(config, split, device, steps, warmup, args.rounds)
+    modes = deterministic_cost(config, split, device, steps, warmup, args.rounds)
 
     goal_note = "(default config, one H200)" if default_config else "(set for the default config; these flags differ)"
     print()
@@ -244,9 +256,11 @@ def main() -> None:
     print(f"{'  ratio worker path / previous path':66s} {worker_rate / previous_rate:9.3f}x")
     print(f"{'per-epoch planning, ms per epoch (ms per step amortised)':66s} {1e3 * plan_s:10.1f}"
           f"  ({1e3 * plan_s / config.steps_per_epoch:.2f} ms/step)")
-    print(f"{'worker path steps/s, deterministic mode on (median of ' + str(args.rounds) + ')':66s} {on_rate:10.2f}")
-    print(f"{'worker path steps/s, deterministic mode off':66s} {off_rate:10.2f}")
-    print(f"{'  cost of deterministic mode (1 - on / off)':66s} {100 * (1 - on_rate / off_rate):9.1f}%")
+    print(f"{'worker path steps/s, deterministic mode on (median of ' + str(args.rounds) + ')':66s} {modes['on']:10.2f}")
+    print(f"{'worker path steps/s, deterministic mode off':66s} {modes['off']:10.2f}")
+    print(f"{'  cost of deterministic mode (1 - on / off)':66s} {100 * (1 - modes['on'] / modes['off']):9.1f}%")
+    print(f"{'  of which filling uninitialized memory (1 - on / on without fill)':66s} "
+          f"{100 * (1 - modes['on'] / modes['on, no fill']):9.1f}%")
     if table is not None:
         print()
         print(f"torch.profiler: 5 steady-state steps of the worker path ({device_name})")

@@ -259,10 +259,12 @@ class TrainingBatches:
                          for i in range(0, len(episodes), self.batch_size)]
             augmentation = tuple(torch.stack([m[part] for m in per_micro]).to(torch.float32)
                                  .view(*shape[:2], -1, 2, 3).to(self.device) for part in range(3))
-        device = lambda array: torch.from_numpy(array).to(self.device)  # noqa: E731
+        def on_device(array: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(array).to(self.device)
+
         return EpochPlan(epoch=int(epoch), first_episode=int(first_episode), episodes_per_step=per_step,
-                         rows=device(rows), counts=device(counts), slots=device(slots),
-                         category_ids=device(category_ids), widths=counts.max(axis=-1), augmentation=augmentation)
+                         rows=on_device(rows), counts=on_device(counts), slots=on_device(slots),
+                         category_ids=on_device(category_ids), widths=counts.max(axis=-1), augmentation=augmentation)
 
     def _micro_batch(self, plan: EpochPlan, step: int, micro: int) -> EpisodeBatch:
         width = int(plan.widths[step, micro])
