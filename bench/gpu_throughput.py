@@ -172,6 +172,31 @@ def deterministic_cost(config: TrainConfig, split: PreparedSplit, device: torch.
     return {name: statistics.median(values) for name, values in rates.items()}
 
 
+def host_syncs_per_step(config: TrainConfig, split: PreparedSplit, steps: int = 5) -> dict[str, float]:
+    """Synchronising CUDA calls per step of the worker's path (planned epoch), deterministic mode on
+    and off: each one stalls the host until the GPU has caught up."""
+    import warnings
+
+    counts = {}
+    for name, enforced in (("on", True), ("off", False)):
+        with determinism.algorithms(enforced):
+            batches = TrainingBatches(split, config, 0, 1, torch.device("cuda"))
+            trainer = Trainer(config, torch.device("cuda"))
+            per_step = batches.episodes_per_step
+            trainer.step(batches.step(0, 0))  # the plan's copy to the device, and the library handles
+            torch.cuda.synchronize()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    for i in range(1, 1 + steps):
+                        trainer.step(batches.step(0, i * per_step))
+                finally:
+                    torch.cuda.set_sync_debug_mode(0)
+            counts[name] = sum("synchronizing" in str(w.message) for w in caught) / steps
+    return counts
+
+
 def profile(config: TrainConfig, split: PreparedSplit, device: torch.device, steps: int = 5) -> str:
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
@@ -243,6 +268,7 @@ def main() -> None:
         plan_s = planning_seconds(config, split, device)
         table = profile(config, split, device) if args.profile else None
     modes = deterministic_cost(config, split, device, steps, warmup, args.rounds)
+    syncs = host_syncs_per_step(config, split) if device.type == "cuda" else None
 
     goal_note = "(default config, one H200)" if default_config else "(set for the default config; these flags differ)"
     print()
@@ -261,6 +287,9 @@ def main() -> None:
     print(f"{'  cost of deterministic mode (1 - on / off)':66s} {100 * (1 - modes['on'] / modes['off']):9.1f}%")
     print(f"{'  of which filling uninitialized memory (1 - on / on without fill)':66s} "
           f"{100 * (1 - modes['on'] / modes['on, no fill']):9.1f}%")
+    if syncs is not None:
+        print(f"{'host syncs per step (synchronising CUDA calls), deterministic on / off':66s} "
+              f"{syncs['on']:10.1f}  / {syncs['off']:.1f}  (0 wanted)")
     if table is not None:
         print()
         print(f"torch.profiler: 5 steady-state steps of the worker path ({device_name})")

@@ -109,9 +109,12 @@ def test_a_killed_gpu_worker_resumes_bitwise_with_its_cuda_rng(gpu_reference, tm
 
 
 def test_a_training_step_never_waits_on_the_host(tmp_path):
+    """Batches, forward, backward, clipping, optimizer and the loss sum, as the worker runs them, with
+    deterministic mode off: what is checked is this project's code. Deterministic kernels of torch
+    may synchronise on their own; bench/gpu_throughput.py counts those per step."""
     config = make_config(tmp_path, use_gpu=True)
     split = load_split(config, "train", config.num_queries_per_episode)
-    with determinism.algorithms(True):
+    with determinism.algorithms(False):
         rng.seed_everything(0)
         model = build_model(config).to(CUDA)
         optimizer = engine.build_optimizer(model, config)
