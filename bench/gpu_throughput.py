@@ -29,7 +29,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
@@ -172,11 +172,14 @@ def deterministic_cost(config: TrainConfig, split: PreparedSplit, device: torch.
     return {name: statistics.median(values) for name, values in rates.items()}
 
 
-def host_syncs_per_step(config: TrainConfig, split: PreparedSplit, steps: int = 5) -> dict[str, float]:
+def host_syncs_per_step(config: TrainConfig, split: PreparedSplit) -> Optional[dict[str, float]]:
     """Synchronising CUDA calls per step of the worker's path (planned epoch), deterministic mode on
-    and off: each one stalls the host until the GPU has caught up."""
+    and off: each one stalls the host until the GPU has caught up. None for a one-step epoch."""
     import warnings
 
+    steps = min(5, config.steps_per_epoch - 1)  # after the first step, within the epoch's plan
+    if steps < 1:
+        return None
     counts = {}
     for name, enforced in (("on", True), ("off", False)):
         with determinism.algorithms(enforced):
@@ -287,6 +290,8 @@ def main() -> None:
     print(f"{'  cost of deterministic mode (1 - on / off)':66s} {100 * (1 - modes['on'] / modes['off']):9.1f}%")
     print(f"{'  of which filling uninitialized memory (1 - on / on without fill)':66s} "
           f"{100 * (1 - modes['on'] / modes['on, no fill']):9.1f}%")
+    if device.type == "cuda" and syncs is None:
+        print(f"{'host syncs per step':66s} {'n/a':>10s}  (one step per epoch: every step is planned)")
     if syncs is not None:
         print(f"{'host syncs per step (synchronising CUDA calls), deterministic on / off':66s} "
               f"{syncs['on']:10.1f}  / {syncs['off']:.1f}  (0 wanted)")
