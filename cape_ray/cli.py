@@ -41,6 +41,8 @@ HELP = {
     "pck_smoothing": "best-PCK selection and early stopping use the mean of the last N val_pck (1 = off)",
     "best_metrics": "one best export per METRIC:min|max, e.g. val_pck:max,val_loss:min,mpck:max",
     "verbose": "also print Ray's own output (per-report lines, worker set-up)",
+    "deterministic": "deterministic CUDA kernels, so that GPU runs and resumes are bitwise reproducible (unset: on "
+                     "with --use_gpu; CPU training is deterministic either way)",
 }
 
 

@@ -72,6 +72,7 @@ class TrainConfig:
     # --- resources and fault tolerance ---
     num_workers: str = "1"  # "N" or "MIN:MAX" (elastic)
     use_gpu: bool = False
+    deterministic: Optional[bool] = None  # deterministic CUDA kernels; None = on with use_gpu (CPU is anyway)
     cpus_per_worker: float = 1.0
     num_threads: int = 1  # torch CPU threads per worker: fixed, because it changes float rounding
     max_failures: int = 3
@@ -127,6 +128,8 @@ class TrainConfig:
                                                   or os.path.isabs(self.cache_dir)), "cache_dir",
              f"must be an absolute path, a path starting with ~ (expanded on each worker's node) or '' (no cache), "
              f"got {self.cache_dir!r}")
+        need(self.deterministic is None or isinstance(self.deterministic, bool), "deterministic",
+             f"must be true, false or unset, got {self.deterministic!r}")
         self.worker_range()  # raises on a malformed --num_workers
         try:
             parse_best_metrics(self.best_metrics)

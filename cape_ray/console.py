@@ -23,6 +23,8 @@ import threading
 import time
 from typing import Any, Callable, Optional
 
+from cape_ray import determinism
+
 RELAY_PREFIX = "cape-ray-console:"
 PROGRESS_EVERY_S = 0.5  # how often a worker sends the progress bar's state
 
@@ -173,6 +175,7 @@ def resume_banner(restored, state, resumed, world_size: int) -> str:
         f"  {mark(True)} Model weights restored",
         f"  {mark(True)} Optimizer state restored",
         f"  {mark(True)} LR scheduler restored",
+        device_line(restored.checkpoint.state.get("device", "cpu"), state.device),
         f"  {mark(True)} Will resume from {where} (global step {position.global_step})",
     ]
     for metric, tracker in in_original_order(tracking.best):
@@ -190,8 +193,27 @@ def resume_banner(restored, state, resumed, world_size: int) -> str:
                      + (f": {resumed.rng.cuda_note}" if resumed.rng.cuda_note else ""))
         lines.append(f"  {mark(True)} NumPy RNG state restored")
         lines.append(f"  {mark(True)} Python RNG state restored")
+    lines.append(determinism_line(restored.checkpoint.state, state))
     lines.append(RULE)
     return "\n".join(lines)
+
+
+def device_line(saved_device: str, device: str) -> str:
+    """Where the checkpoint's tensors were and where they are now."""
+    if saved_device == device:
+        return f"  {mark(True)} Device: {device}, as when the checkpoint was written"
+    return (f"  {mark(True)} Weights and optimizer state moved from {saved_device} to {device}: the run continues "
+            f"from the checkpoint, but not bit for bit as it would have on {saved_device}")
+
+
+def determinism_line(saved_state: dict, state) -> str:
+    """What this run reproduces (see determinism.py), and whether the checkpoint's run did."""
+    now = determinism.describe(state.device, state.deterministic)
+    line = f"  {mark(state.device != 'cuda' or state.deterministic)} Reproducibility: {now}"
+    if saved_state.get("device") == "cuda" and not saved_state.get("deterministic", False):
+        line += ("; the checkpoint was written without deterministic mode, so the steps before it cannot be "
+                 "reproduced bit for bit")
+    return line
 
 
 def best_label(metric: str) -> str:
@@ -222,9 +244,12 @@ class Console:
             self._write(message + "\n")
 
     def startup(self, restored, state, resumed, tidy, world_size: int) -> None:
-        """The banner of a resumed run and what the start-up tidying did."""
+        """The banner of a resumed run (a start line for a fresh one) and what the start-up tidying did."""
         if restored is not None:
             self.say(resume_banner(restored, state, resumed, world_size))
+        else:
+            self.say(f"training on {state.device}, {world_size} worker{'s' * (world_size > 1)}: "
+                     f"{determinism.describe(state.device, state.deterministic)}")
         if tidy.removed_orphans:
             self.say(f"removed {len(tidy.removed_orphans)} checkpoint dir(s) that Ray never registered (a report "
                      f"lost in a crash; redone now): {', '.join(tidy.removed_orphans)}")

@@ -5,6 +5,8 @@ The state uses the original pipeline's field names, each in the form its own lib
     cuda_rng_state  torch.cuda.get_rng_state_all()   -> torch.cuda.set_rng_state_all(...), or None
     np_rng_state    np.random.get_state() as a tuple -> np.random.set_state(...)
     py_rng_state    random.getstate()                -> random.setstate(...)
+and `cuda_device`, the index of the CUDA device this rank trained on (None without CUDA): dropout on
+a GPU draws from that device's generator only, so its stream is the one a resume must continue.
 Only tensors, tuples, ints, floats and strings: a checkpoint loads with `torch.load(weights_only=True)`.
 
 Data order and augmentation never use these generators (they are drawn from position-seeded
@@ -23,6 +25,7 @@ import numpy as np
 import torch
 
 RNG_KEYS = ("rng_state", "cuda_rng_state", "np_rng_state", "py_rng_state")
+CAPTURED_KEYS = RNG_KEYS + ("cuda_device",)
 
 
 def seed_everything(seed: int) -> None:
@@ -39,12 +42,14 @@ def derived_seed(*parts: int) -> int:
 
 def capture() -> dict[str, Any]:
     kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
-    cuda = None
+    cuda, cuda_device = None, None
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         cuda = [s.cpu() for s in torch.cuda.get_rng_state_all()]
+        cuda_device = torch.cuda.current_device()  # Ray Train sets it to the rank's device
     return {
         "rng_state": torch.get_rng_state(),
         "cuda_rng_state": cuda,  # one state per visible device; None where CUDA was not in use
+        "cuda_device": cuda_device,
         "np_rng_state": (str(kind), tuple(int(k) for k in keys), int(position), int(has_gauss),
                          float(cached_gaussian)),
         "py_rng_state": random.getstate(),
@@ -66,10 +71,13 @@ class RestoredRng:
 def restore(state: dict[str, Any], cuda_fallback_seed: Optional[int] = None) -> RestoredRng:
     """Restore a state made by `capture`.
 
-    CUDA: a checkpoint written with N visible devices restores device i from state i for every
-    device both sides have; a CPU resume of a GPU run cannot continue the CUDA stream, and a GPU
-    resume of a CPU run has none to continue. Those cases are said in `cuda_note`, and where this
-    process uses CUDA without a saved state it is seeded from `cuda_fallback_seed` (deterministic).
+    CUDA: device i is restored from state i for every device both sides have, and the stream of the
+    device the rank trained on (`cuda_device`) continues on the device it trains on now, so a
+    checkpoint written where N devices were visible resumes where M are, on whichever index the
+    rank now has. A CPU resume of a GPU run cannot continue the CUDA stream (dropout then draws from
+    the restored CPU generator), and a GPU resume of a CPU run has none to continue: those cases are
+    said in `cuda_note`, and where this process uses CUDA without a saved state it is seeded from
+    `cuda_fallback_seed` (deterministic).
     """
     torch.set_rng_state(state["rng_state"])
     np.random.set_state(state["np_rng_state"])
@@ -82,11 +90,17 @@ def restore(state: dict[str, Any], cuda_fallback_seed: Optional[int] = None) -> 
         for device in range(shared):
             torch.cuda.set_rng_state(saved[device], device)
         result.restored.append("cuda")
-        if len(saved) != visible:
-            result.cuda_note = (f"restored for {shared} device(s): the checkpoint has {len(saved)}, "
-                                f"{visible} visible here")
+        trained_on = state.get("cuda_device")
+        now = torch.cuda.current_device() if trained_on is not None else None
+        if trained_on is not None and trained_on != now:
+            torch.cuda.set_rng_state(saved[trained_on], now)
+        if len(saved) != visible or trained_on != now:
+            counts = f"the checkpoint has {len(saved)} device state(s), {visible} visible here: "
+            result.cuda_note = counts + (f"restored by device index for {shared}" if trained_on is None else
+                                         f"this rank's stream (it trained on cuda:{trained_on}) continues on cuda:{now}")
     elif saved:
-        result.cuda_note = f"not restored: the checkpoint has {len(saved)} device state(s), no CUDA device here"
+        result.cuda_note = (f"the checkpoint has {len(saved)} device state(s), no CUDA device here; dropout "
+                            "continues from the restored CPU generator")
     elif visible:
         result.cuda_note = "not in the checkpoint (written without CUDA)"
         if cuda_fallback_seed is not None:

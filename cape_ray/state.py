@@ -49,10 +49,10 @@ class TrainState:
     history: list[dict] = field(default_factory=list)  # one metrics dict per validated epoch
     saved_versions: Optional[dict] = None  # the library versions of the checkpoint it was restored from
     device: str = "cpu"  # "cpu" or "cuda": what trained this state
-    deterministic: bool = True  # whether deterministic algorithms were enforced
+    deterministic: bool = False  # whether deterministic algorithms were enforced (determinism.py)
 
     @classmethod
-    def fresh(cls, config: TrainConfig, world_size: int, device: str = "cpu", deterministic: bool = True
+    def fresh(cls, config: TrainConfig, world_size: int, device: str = "cpu", deterministic: bool = False
               ) -> "TrainState":
         episodes_per_step = config.batch_size * config.accumulation_steps * world_size
         return cls(config, world_size, Position(episodes_per_step=episodes_per_step), RunTracking.from_config(config),

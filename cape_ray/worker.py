@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 import torch
 
-from cape_ray import checkpoint as ckpt, engine, rng
+from cape_ray import checkpoint as ckpt, determinism, engine, rng
 from cape_ray.checkpointer import RETENTION_KEY, Checkpointer, Resumed, retention_score, UNVALIDATED_SCORE
 from cape_ray.config import TrainConfig
 from cape_ray.console import Console, RelayLogHandler, find_relay
@@ -29,14 +29,18 @@ log = logging.getLogger("cape_ray")
 def train_loop_per_worker(config_dict: dict[str, Any], edge: Optional["RayEdge"] = None) -> None:
     """Ray Train's entry point. A storage failure (no space, permission, quota) would repeat on
     every restart: the run stops with its message instead (see RayEdge.stop)."""
+    config = TrainConfig.from_dict(config_dict)
     edge = edge or RayEdge()
+    deterministic = determinism.resolve(config.deterministic, edge.device)
     try:
-        train(TrainConfig.from_dict(config_dict), edge)
+        # Before the loop's first CUDA work: cuBLAS and cuDNN read these settings when they first run.
+        with determinism.algorithms(deterministic):
+            train(config, edge, deterministic)
     except ckpt.StorageError as failure:
         edge.stop(failure)
 
 
-def train(config: TrainConfig, edge) -> None:
+def train(config: TrainConfig, edge: "RayEdge", deterministic: bool) -> None:
     rank, world_size, device = edge.rank, edge.world_size, edge.device
     torch.set_num_threads(config.num_threads)  # the thread count changes float rounding: fix it
 
@@ -59,7 +63,7 @@ def train(config: TrainConfig, edge) -> None:
     optimizer = engine.build_optimizer(engine.unwrap(model), config)
     steps_per_epoch = config.steps_per_epoch_at(world_size)
     scheduler = engine.build_scheduler(optimizer, config, steps_per_epoch * config.epochs)
-    state = TrainState.fresh(config, world_size, device=device.type)
+    state = TrainState.fresh(config, world_size, device=device.type, deterministic=deterministic)
     resumed = (checkpointer.load_into(restored, state, engine.unwrap(model), optimizer, scheduler)
                if restored else Resumed())
     console = Console(config, rank, steps_per_epoch, write=edge.say, progress=edge.progress)
@@ -67,6 +71,7 @@ def train(config: TrainConfig, edge) -> None:
     if state.tracking.early_stopping.should_stop:
         return
 
+    # The training split moves to the device here, once; each epoch's episodes are planned there.
     position, batches = state.position, TrainingBatches(train_split, config, rank, world_size, device)
     loss_sum = torch.tensor(resumed.loss_sum, dtype=torch.float64, device=device)  # this rank's, this epoch
     loss_count = resumed.loss_count

@@ -2,7 +2,8 @@
 
 The kill is a real SIGKILL of the Ray worker process at a chosen training micro-batch, guarded by a
 marker file so that the restarted worker group runs through. Every start logs the checkpoint Ray
-handed to it, so a test can tell where training resumed.
+handed to it, so a test can tell where training resumed; with `banner_log` in the plan, every
+resume banner is appended to that file too.
 """
 
 from __future__ import annotations
@@ -27,6 +28,19 @@ def train_with_faults(config: dict) -> None:
     restored = ray.train.get_checkpoint()
     with open(plan["log"], "a") as log:
         log.write(f"start rank={rank} checkpoint={restored.path.rsplit('/', 1)[-1] if restored else '-'}\n")
+
+    if "banner_log" in plan:  # the resume banner goes to the console relay or stdout: keep a copy
+        from cape_ray import console
+
+        banner = console.resume_banner
+
+        def logged_banner(*args, **kwargs):
+            text = banner(*args, **kwargs)
+            with open(plan["banner_log"], "a") as log:
+                log.write(f"rank={rank}\n{text}\n")
+            return text
+
+        console.resume_banner = logged_banner
 
     if rank == plan["rank"] and not os.path.exists(plan["marker"]):
         calls = 0

@@ -33,7 +33,7 @@ def test_capture_restore_continues_every_stream():
 def test_fields_are_the_originals_and_restore_with_their_own_libraries():
     rng.seed_everything(7)
     state = torch.load(io.BytesIO(serialize(rng.capture())), weights_only=True)
-    assert set(state) == set(rng.RNG_KEYS)
+    assert set(state) == set(rng.CAPTURED_KEYS) and set(rng.RNG_KEYS) < set(rng.CAPTURED_KEYS)
     expected = draw()
     rng.seed_everything(8)
     # what a script written for the original pipeline does with these fields
@@ -41,7 +41,7 @@ def test_fields_are_the_originals_and_restore_with_their_own_libraries():
     np.random.set_state(state["np_rng_state"])
     random.setstate(state["py_rng_state"])
     assert draw() == expected
-    assert state["cuda_rng_state"] is None  # no CUDA in use here
+    assert state["cuda_rng_state"] is None and state["cuda_device"] is None  # no CUDA in use here
 
 
 def test_cuda_states_are_restored_per_device_or_said_why_not(monkeypatch):
@@ -57,7 +57,20 @@ def test_cuda_states_are_restored_per_device_or_said_why_not(monkeypatch):
     calls.clear()
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     result = rng.restore(saved)
-    assert calls == [(1, 0)] and result.cuda and "the checkpoint has 2, 1 visible" in result.cuda_note
+    assert calls == [(1, 0)] and result.cuda
+    assert result.cuda_note == "the checkpoint has 2 device state(s), 1 visible here: restored by device index for 1"
+    # knowing the device the rank trained on, its own stream continues on the device it has now
+    calls.clear()
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    result = rng.restore({**saved, "cuda_device": 1})
+    assert calls == [(1, 0), (2, 0)] and result.cuda
+    assert result.cuda_note == ("the checkpoint has 2 device state(s), 1 visible here: this rank's stream (it "
+                                "trained on cuda:1) continues on cuda:0")
+    calls.clear()
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    result = rng.restore({**saved, "cuda_device": 0})  # as many devices, the same one: restored by index
+    assert calls == [(1, 0), (2, 1)] and result.cuda_note == ""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     # a CPU checkpoint resumed with CUDA: nothing to restore, seeded deterministically instead
     seeded = []
     monkeypatch.setattr(torch.cuda, "manual_seed_all", seeded.append)

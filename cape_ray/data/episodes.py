@@ -24,8 +24,7 @@ from typing import Optional, Sequence, TypeVar
 import numpy as np
 import torch
 
-from .transforms import AugmentParams, PreparedSplit, augment as augment_images, \
-    compose_affine, sample_augment_params
+from .transforms import AugmentParams, PreparedSplit, augment_matrices, compose_affine, sample_augment_params, warp
 
 _BLOCK_TAG = 9001  # keeps the category schedule's generator apart from the episode generators
 T = TypeVar("T")
@@ -162,23 +161,117 @@ class EpisodeSampler:
         return episodes
 
 
+@dataclass(frozen=True)
+class EpochPlan:
+    """The episodes of one rank's remaining optimizer steps of an epoch, as tensors: what a step
+    indexes. Episode tensors are [steps, accumulation, batch_size, ...] and live on the batches'
+    device; `widths` (each micro-batch's padded keypoint count) stays on the host, so that slicing
+    to it never waits for the device."""
+
+    epoch: int
+    first_episode: int  # global index of the first episode of the plan's first step
+    episodes_per_step: int
+    rows: torch.Tensor  # int64 [steps, acc, B * (S + Q)] split rows, each episode's supports then queries
+    counts: torch.Tensor  # int64 [steps, acc, B] keypoints of each episode's category
+    slots: torch.Tensor  # int64 [steps, acc, B] position of each episode's category in split.category_ids
+    category_ids: torch.Tensor  # int64 [steps, acc, B]
+    widths: np.ndarray  # int64 [steps, acc] on the host
+    # float32 [steps, acc, B * (S + Q), 2, 3] (see transforms.augment_matrices); None without augmentation
+    augmentation: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+    @property
+    def steps(self) -> int:
+        return int(self.widths.shape[0])
+
+    def step_of(self, epoch: int, first_episode: int) -> Optional[int]:
+        """The plan's step that starts at `first_episode` of `epoch`, or None if it has none."""
+        offset = first_episode - self.first_episode
+        if epoch != self.epoch or offset < 0 or offset % self.episodes_per_step:
+            return None
+        step = offset // self.episodes_per_step
+        return step if step < self.steps else None
+
+
 class TrainingBatches:
     """One rank's training micro-batches on its device, a pure function of the position: optimizer
-    step starting at global episode `first_episode` of `epoch` -> `accumulation_steps` batches."""
+    step starting at global episode `first_episode` of `epoch` -> `accumulation_steps` batches.
+
+    The split is moved to the device once. The first step asked for in an epoch (its start, or where
+    a resume continues) plans every remaining step of the epoch for this rank: one
+    `EpisodeSampler.train_episodes` call draws their episodes, and their rows, keypoint counts and
+    augmentation matrices go to the device together. A step then only indexes the plan and runs the
+    batch arithmetic (gather, warp, keypoint transforms) where the model runs. The batches are
+    bitwise those `collate` builds on the CPU from the same episodes.
+    """
 
     def __init__(self, split: PreparedSplit, config, rank: int, world_size: int, device: torch.device):
-        self.split, self.rank, self.world_size, self.device = split, rank, world_size, device
+        self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
         self.batch_size, self.accumulation, self.augment = config.batch_size, config.accumulation_steps, config.augment
+        self.episodes_per_epoch = config.episodes_per_epoch
         self.sampler = EpisodeSampler(split, config.num_shots, config.num_queries_per_episode, seed=config.seed)
+        self.shots, self.queries = self.sampler.num_shots, self.sampler.num_queries
+        self.split = split.to(self.device)
+        categories = split.category_ids
+        self._slot_of = {cid: slot for slot, cid in enumerate(categories)}
+        self._num_keypoints = np.array([split.categories[cid].num_keypoints for cid in categories], dtype=np.int64)
+        # every category's skeleton, zero-padded to the split's largest K: a batch's are a gather
+        kmax = split.max_keypoints
+        skeletons = torch.zeros(len(categories), kmax, kmax)
+        for slot, cid in enumerate(categories):
+            kc = int(self._num_keypoints[slot])
+            skeletons[slot, :kc, :kc] = split.adjacency[cid]
+        self.skeletons = skeletons.to(self.device)
+        self.plan: Optional[EpochPlan] = None
+
+    @property
+    def episodes_per_step(self) -> int:
+        return self.batch_size * self.accumulation * self.world_size
 
     def step(self, epoch: int, first_episode: int) -> list[EpisodeBatch]:
-        batches = []
-        for micro in range(self.accumulation):
-            indices = first_episode + global_episode_indices(0, micro, self.rank, self.world_size, self.batch_size,
-                                                             self.accumulation)
-            episodes = self.sampler.train_episodes(epoch, indices)
-            batches.append(collate(self.split, episodes, augment=self.augment).to(self.device, non_blocking=True))
-        return batches
+        step = self.plan.step_of(epoch, first_episode) if self.plan is not None else None
+        if step is None:
+            self.plan, step = self.plan_epoch(epoch, first_episode), 0
+        return [self._micro_batch(self.plan, step, micro) for micro in range(self.accumulation)]
+
+    def plan_epoch(self, epoch: int, first_episode: int) -> EpochPlan:
+        """Plan this rank's steps of `epoch` from the one starting at global episode `first_episode`."""
+        per_step = self.episodes_per_step
+        steps = (self.episodes_per_epoch - first_episode) // per_step
+        if first_episode < 0 or steps < 1:
+            raise ValueError(f"no optimizer step of {per_step} episodes starts at episode {first_episode} of an "
+                             f"epoch of {self.episodes_per_epoch}")
+        # the step's own indices, micro-batch by micro-batch, as global_episode_indices lays them out
+        within_step = np.concatenate([global_episode_indices(0, micro, self.rank, self.world_size, self.batch_size,
+                                                             self.accumulation) for micro in range(self.accumulation)])
+        indices = (first_episode + per_step * np.arange(steps)[:, None] + within_step[None, :]).reshape(-1)
+        episodes = self.sampler.train_episodes(epoch, indices)
+
+        shape = (steps, self.accumulation, self.batch_size)
+        rows = np.stack([np.concatenate([e.support_rows, e.query_rows]) for e in episodes]).reshape(*shape[:2], -1)
+        slots = np.array([self._slot_of[e.category_id] for e in episodes], dtype=np.int64).reshape(shape)
+        counts = self._num_keypoints[slots]
+        category_ids = np.array([e.category_id for e in episodes], dtype=np.int64).reshape(shape)
+        augmentation = None
+        if self.augment:
+            # One call per micro-batch, as collate makes it: the bits of the trigonometry may depend on
+            # the images per call, and a plan that starts mid-epoch (a resume) must give the same bits.
+            per_micro = [augment_matrices(AugmentParams.concat([e.augment for e in episodes[i:i + self.batch_size]]))
+                         for i in range(0, len(episodes), self.batch_size)]
+            augmentation = tuple(torch.stack([m[part] for m in per_micro]).to(torch.float32)
+                                 .view(*shape[:2], -1, 2, 3).to(self.device) for part in range(3))
+        def on_device(array: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(array).to(self.device)
+
+        return EpochPlan(epoch=int(epoch), first_episode=int(first_episode), episodes_per_step=per_step,
+                         rows=on_device(rows), counts=on_device(counts), slots=on_device(slots),
+                         category_ids=on_device(category_ids), widths=counts.max(axis=-1), augmentation=augmentation)
+
+    def _micro_batch(self, plan: EpochPlan, step: int, micro: int) -> EpisodeBatch:
+        width = int(plan.widths[step, micro])
+        skeleton = self.skeletons.index_select(0, plan.slots[step, micro])[:, :width, :width].contiguous()
+        matrices = None if plan.augmentation is None else tuple(m[step, micro] for m in plan.augmentation)
+        return assemble(self.split, plan.rows[step, micro], plan.counts[step, micro], width,
+                        plan.category_ids[step, micro], skeleton, self.shots, self.queries, matrices)
 
 
 # ---------------------------------------------------------------------------------------- collate
@@ -195,27 +288,46 @@ def collate(split: PreparedSplit, episodes: Sequence[Episode], augment: bool = F
     shots, queries = len(episodes[0].support_rows), len(episodes[0].query_rows)
     if any(len(e.support_rows) != shots or len(e.query_rows) != queries for e in episodes):
         raise ValueError("all episodes of a batch need the same numbers of supports and queries")
-    b, per = len(episodes), shots + queries
-    counts = np.array([split.categories[e.category_id].num_keypoints for e in episodes])
-    k = int(counts.max())
-
-    rows = torch.from_numpy(np.concatenate([np.concatenate([e.support_rows, e.query_rows]) for e in episodes]))
     if augment and not images:
         raise ValueError("augment=True needs images")
+    if augment and any(e.augment is None for e in episodes):
+        raise ValueError("augment=True needs training episodes (they carry augmentation parameters)")
+    counts = np.array([split.categories[e.category_id].num_keypoints for e in episodes])
+    k = int(counts.max())
+    rows = torch.from_numpy(np.concatenate([np.concatenate([e.support_rows, e.query_rows]) for e in episodes]))
+    skeleton = torch.zeros(len(episodes), k, k)
+    for i, e in enumerate(episodes):
+        kc = int(counts[i])
+        skeleton[i, :kc, :kc] = split.adjacency[e.category_id]
+    matrices = None
+    if augment:
+        matrices = tuple(m.to(torch.float32) for m in augment_matrices(AugmentParams.concat([e.augment for e in episodes])))
+    return assemble(split, rows, torch.from_numpy(counts), k,
+                    torch.tensor([e.category_id for e in episodes], dtype=torch.int64), skeleton, shots, queries,
+                    matrices, images=images)
+
+
+def assemble(split: PreparedSplit, rows: torch.Tensor, counts: torch.Tensor, width: int, category_ids: torch.Tensor,
+             skeleton: torch.Tensor, shots: int, queries: int,
+             matrices: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
+             images: bool = True) -> EpisodeBatch:
+    """The batch arithmetic shared by `collate` (CPU) and `TrainingBatches` (the model's device):
+    rows int64 [B * (S + Q)] (each episode's supports then queries), counts int64 [B] keypoints per
+    episode, `width` = max(counts) as a host int, skeleton [B, width, width]; `matrices` = float32
+    (theta, forward, inverse) [B * (S + Q), 2, 3] to augment with (transforms.augment_matrices)."""
+    b, per = int(counts.shape[0]), shots + queries
     pixels = split.images.index_select(0, rows).float().div_(255.0) if images else None
-    keypoints = split.keypoints.index_select(0, rows)[:, :k]
-    visible = split.visible.index_select(0, rows)[:, :k]
-    mask = torch.arange(k)[None, :] < torch.from_numpy(counts)[:, None]  # [B, K]
+    keypoints = split.keypoints.index_select(0, rows)[:, :width]
+    visible = split.visible.index_select(0, rows)[:, :width]
+    mask = torch.arange(width, device=rows.device)[None, :] < counts[:, None]  # [B, K]
     query_rows = rows.view(b, per)[:, shots:].reshape(-1)
     to_original = split.crop_to_original.index_select(0, query_rows).view(b, queries, 2, 3)
 
-    if augment:
-        if any(e.augment is None for e in episodes):
-            raise ValueError("augment=True needs training episodes (they carry augmentation parameters)")
-        params = AugmentParams.concat([e.augment for e in episodes])
-        pixels, keypoints, inverse = augment_images(pixels, keypoints, params)
+    if matrices is not None:
+        theta, forward, inverse = matrices
+        pixels, keypoints = warp(pixels, keypoints, theta, forward)
         inside = ((keypoints >= 0) & (keypoints <= 1)).all(-1)
-        row_mask = mask.repeat_interleave(per, dim=0)
+        row_mask = mask[:, None].expand(b, per, width).reshape(b * per, width)  # each episode's mask per image
         visible = visible & inside & row_mask
         keypoints = keypoints * row_mask[..., None]  # padding stays exactly 0
         query_inverse = inverse.view(b, per, 2, 3)[:, shots:]
@@ -223,12 +335,8 @@ def collate(split: PreparedSplit, episodes: Sequence[Episode], augment: bool = F
 
     if pixels is not None:
         pixels = pixels.view(b, per, 3, *pixels.shape[-2:])
-    keypoints = keypoints.reshape(b, per, k, 2)
-    visible = visible.reshape(b, per, k)
-    skeleton = torch.zeros(b, k, k)
-    for i, e in enumerate(episodes):
-        kc = int(counts[i])
-        skeleton[i, :kc, :kc] = split.adjacency[e.category_id]
+    keypoints = keypoints.reshape(b, per, width, 2)
+    visible = visible.reshape(b, per, width)
     query_bbox = split.bbox.index_select(0, query_rows).view(b, queries, 4)
     return EpisodeBatch(
         support_images=None if pixels is None else pixels[:, :shots].contiguous(),
@@ -241,7 +349,7 @@ def collate(split: PreparedSplit, episodes: Sequence[Episode], augment: bool = F
         skeleton=skeleton,
         query_bbox=query_bbox,
         query_to_original=to_original,
-        category_ids=torch.tensor([e.category_id for e in episodes], dtype=torch.int64),
+        category_ids=category_ids,
         support_rows=rows.view(b, per)[:, :shots].contiguous(),
         query_rows=rows.view(b, per)[:, shots:].contiguous(),
     )

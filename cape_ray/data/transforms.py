@@ -16,6 +16,7 @@ filter that keeps thin structures from aliasing away.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from concurrent.futures import ThreadPoolExecutor
@@ -76,6 +77,12 @@ class PreparedSplit:
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
+
+    def to(self, device: torch.device | str) -> "PreparedSplit":
+        """This split with its tensors on `device` (itself where they already are)."""
+        moved = {f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)
+                 if isinstance(getattr(self, f.name), torch.Tensor)}
+        return dataclasses.replace(self, **moved)
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -337,6 +344,29 @@ def augment_affines(params: AugmentParams) -> tuple[torch.Tensor, torch.Tensor]:
     return forward, inverse
 
 
+def augment_matrices(params: AugmentParams) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(theta for `affine_grid`, forward, inverse), float64 [M, 2, 3], computed on the CPU.
+
+    The last bit of the trigonometry can depend on how many images one call holds (vectorised and
+    scalar kernels differ), so a caller that wants `augment`'s exact bits passes the same images per
+    call as `augment` gets (see TrainingBatches).
+    """
+    forward, inverse = augment_affines(params)
+    # affine_grid works in [-1, 1] coordinates centred on the crop centre: g = 2p - 1, so sampling
+    # the source at the inverse transform is its linear part with no shift.
+    theta = torch.cat([inverse[:, :, :2], torch.zeros(len(params), 2, 1, dtype=torch.float64)], -1)
+    return theta, forward, inverse
+
+
+def warp(images: torch.Tensor, keypoints: torch.Tensor, theta: torch.Tensor, forward: torch.Tensor
+         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images [M, 3, S, S] sampled at `theta` (zeros outside) and keypoints [M, K, 2] moved by
+    `forward`, on whatever device they are (see augment_matrices)."""
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    out = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return out, apply_affine(forward, keypoints)
+
+
 def augment(images: torch.Tensor, keypoints: torch.Tensor, params: AugmentParams
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rotate/scale images [M, 3, S, S] (float) about the crop centre, zeros outside.
@@ -345,11 +375,6 @@ def augment(images: torch.Tensor, keypoints: torch.Tensor, params: AugmentParams
     `inverse` maps augmented normalised coordinates back to the un-augmented crop coordinates
     (compose it after `crop_to_original` to reach original pixels).
     """
-    forward, inverse = augment_affines(params)
-    # affine_grid works in [-1, 1] coordinates centred on the crop centre: g = 2p - 1, so sampling
-    # the source at the inverse transform is its linear part with no shift.
-    theta = torch.cat([inverse[:, :, :2], torch.zeros(len(params), 2, 1, dtype=torch.float64)], -1)
-    grid = F.affine_grid(theta.to(images.dtype), list(images.shape), align_corners=False)
-    out = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    moved = apply_affine(forward.to(keypoints.dtype), keypoints)
+    theta, forward, inverse = augment_matrices(params)
+    out, moved = warp(images, keypoints, theta.to(images.dtype), forward.to(keypoints.dtype))
     return out, moved, inverse.to(torch.float32)
