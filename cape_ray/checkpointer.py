@@ -1,7 +1,8 @@
 """Checkpointer: the one owner of checkpoint state, from saving to restoring.
 
 save     every rank hands in its own state (RNG, running train loss); rank 0 gathers them, stages
-         the checkpoint directory (manifest last, see checkpoint.py) and reports it.
+         the checkpoint directory (manifest last, see checkpoint.py), stores it, makes the best
+         exports it earned, and only then is it reported to Ray.
 restore  Ray's latest checkpoint (a worker restart or a driver rerun) or else --resume; verify it;
          if it is damaged, fall back loudly to the newest valid checkpoint before it; load it; plan
          the accumulation for this world size; then load model, optimizer, scheduler, TrainState and
@@ -19,11 +20,13 @@ is checked before each upload, and the upload is made here, so that its failure 
 rank before Ray is told of the checkpoint.
 
 Best exports. Ray keeps checkpoints by one score, so the best by each --best_metrics entry is copied
-to its export name (checkpoint_best_pck_..., checkpoint_best_loss_...). The copy is made right after
-Ray registers the checkpoint (callbacks.py, on the controller) and, because a crash can fall between
-the two, again at every start from the restored tracking (`tidy`): the latest checkpoint is never
-deleted by retention, so the checkpoint behind a pending export is still there when it is reconciled.
-An old export is deleted only after the new one is complete.
+to its export name (checkpoint_best_pck_..., checkpoint_best_loss_...). The copy is made when the
+checkpoint is stored, before Ray is told of it: retention can only delete a registered checkpoint,
+so it never deletes one whose export is still to be made, and the storage check covers the exports
+too. A crash between the export and Ray's registration leaves an export of a checkpoint Ray never
+registered; the next start reconciles the exports with the restored tracking (`tidy`), and training
+redoes that checkpoint (bitwise the same, so the same export). An old export is deleted only after
+the new one is complete.
 """
 
 from __future__ import annotations
@@ -270,10 +273,11 @@ class Checkpointer:
              scheduler: Any, running: dict[str, Any], metrics: dict[str, Any]) -> None:
         """Write this position as checkpoint `name` and report it (every rank: a barrier).
 
-        Rank 0 stages the checkpoint, checks the storage has room for it and the exports it will
-        get, and uploads it (manifest last); Ray then registers it without uploading again. Whether
-        that worked is agreed by every rank before reporting, so that a storage failure stops all
-        of them with StorageError instead of leaving the others waiting in the report.
+        Rank 0 stages the checkpoint, checks the storage has room for it and the exports it earned,
+        uploads it (manifest last) and makes those exports; Ray then registers it without uploading
+        again. Whether that worked is agreed by every rank before reporting, so that a storage
+        failure stops all of them with StorageError instead of leaving the others waiting in the
+        report.
         """
         blobs = self._gather(ckpt.serialize({**rng.capture(), **running}))
         target, problem = f"{self.run_dir}/{name}", None
@@ -283,8 +287,8 @@ class Checkpointer:
                 ckpt.write_checkpoint(staging, model=model.state_dict(), optimizer=optimizer.state_dict(),
                                       scheduler=scheduler.state_dict(), state=state.state_dict(metrics),
                                       rank_states=blobs)
-                new_exports = sum(tracker.checkpoint == name for tracker in state.tracking.best.values())
-                problem = self._store(staging, target, new_exports)
+                exports = wanted_exports(t for t in state.tracking.best.values() if t.checkpoint == name)
+                problem = self._store(staging, target, exports)
             except OSError as exc:  # the local staging directory (TMPDIR) is full or unwritable
                 problem = str(exc)
             finally:
@@ -294,14 +298,15 @@ class Checkpointer:
         self._report(metrics, target if self.rank == 0 else None, name)
         self.registered.add(name)
 
-    def _store(self, staging: str, target: str, new_exports: int) -> Optional[str]:
-        """Upload `staging` to `target`; the reason it cannot be stored, or None."""
+    def _store(self, staging: str, target: str, exports: list["Export"]) -> Optional[str]:
+        """Upload `staging` to `target`, then copy it to the exports it earned; the reason it cannot
+        be stored, or None."""
         size = sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(staging) for f in files)
-        needed = size * (1 + new_exports) + ckpt.DISK_MARGIN_BYTES  # the checkpoint and its new best exports
+        needed = size * (1 + len(exports)) + ckpt.DISK_MARGIN_BYTES  # the checkpoint and its new best exports
         free = storage.free_bytes(self.fs, self.run_dir)
         if free is not None and free < needed:
             return (f"not enough space to store checkpoint {target}: needs {needed} bytes (the checkpoint"
-                    f"{f' and {new_exports} best export(s)' if new_exports else ''}), {free} bytes free. Free space "
+                    f"{f' and {len(exports)} best export(s)' if exports else ''}), {free} bytes free. Free space "
                     f"there (no checkpoint was deleted) and rerun the same command: it resumes from the last stored "
                     f"checkpoint.")
         try:
@@ -309,12 +314,13 @@ class Checkpointer:
             # stale file survives in it.
             storage.delete_dir(self.fs, target)
             storage.upload_checkpoint(staging, self.fs, target)
+            _, problems = sync_exports(self.fs, self.run_dir, exports, refresh=True)
         except OSError as exc:  # permission, quota, a disk that filled up meanwhile
             storage.delete_dir_quietly(self.fs, target)
-            return (f"cannot store checkpoint {storage.display(target, self.fs)} ({needed} bytes): "
+            return (f"cannot store checkpoint {storage.display(target, self.fs)} ({needed} bytes with its exports): "
                     f"{str(exc).splitlines()[0]}. Fix the storage (space, permissions, quota) and rerun the same "
                     f"command: it resumes from the last stored checkpoint.")
-        return None
+        return "; ".join(problems) or None
 
 
 # ---------------------------------------------------------------------------- best exports
@@ -331,17 +337,18 @@ def wanted_exports(trackers: Iterable[BestTracker]) -> list[Export]:
     return [Export(t.metric, t.export, t.checkpoint) for t in trackers if t.export]
 
 
-def sync_exports(fs: pafs.FileSystem, run_dir: str, exports: Iterable[Export],
-                 verify_existing: bool = False) -> tuple[list[str], list[str]]:
+def sync_exports(fs: pafs.FileSystem, run_dir: str, exports: Iterable[Export], verify_existing: bool = False,
+                 refresh: bool = False) -> tuple[list[str], list[str]]:
     """Make each export exist (a copy of its checkpoint, manifest last), then delete that metric's
-    other exports. Returns (exports written, problems). An export that cannot be made (its
-    checkpoint is gone) leaves the existing ones in place."""
+    other exports. An export already there counts when it verifies (`verify_existing`), or is copied
+    again regardless (`refresh`: its checkpoint was just written). Returns (exports written,
+    problems). An export that cannot be made (its checkpoint is gone) leaves the existing ones."""
     run_dir = run_dir.rstrip("/")
     existing = storage.list_dirs(fs, run_dir, "checkpoint_best_")
     written, problems = [], []
     for export in exports:
         target = f"{run_dir}/{export.name}"
-        present = export.name in existing and not (verify_existing and storage.problems(fs, target))
+        present = export.name in existing and not refresh and not (verify_existing and storage.problems(fs, target))
         if not present:
             source = f"{run_dir}/{export.checkpoint}"
             if export.checkpoint is None or storage.problems(fs, source):

@@ -17,7 +17,6 @@ from ray.train import CheckpointConfig, FailureConfig, Result, RunConfig, Scalin
 from ray.train.torch import TorchTrainer
 
 from cape_ray import preflight
-from cape_ray.callbacks import BestCheckpointExporter
 from cape_ray.checkpointer import RETENTION_KEY, retention_slots
 from cape_ray.config import TrainConfig
 from cape_ray.console import DriverConsole
@@ -47,7 +46,7 @@ def build_trainer(config: TrainConfig, train_fn: Callable[[dict], None] = train_
                                      max_preemption_failures=config.max_preemption_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=retention_slots(config),
                                            checkpoint_score_attribute=RETENTION_KEY, checkpoint_score_order="max"),
-        callbacks=[BestCheckpointExporter(config.best_metrics), RunHistory()],
+        callbacks=[RunHistory()],
     )
     return TorchTrainer(train_fn, train_loop_config=train_loop_config or config.to_dict(),
                         scaling_config=scaling, run_config=run_config)

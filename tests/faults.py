@@ -15,8 +15,6 @@ import sys
 import ray.train
 
 from cape_ray import engine
-from cape_ray.callbacks import BestCheckpointExporter
-from cape_ray.tracking import best_flag
 from cape_ray.worker import train_loop_per_worker
 
 
@@ -59,19 +57,19 @@ def train_with_faults(config: dict) -> None:
 
 
 def train_with_episode_log(config: dict) -> None:
-    """Train, appending every (epoch, episode index) this rank trains on to a log file."""
+    """Train, appending every (epoch, episode index) this rank trains, step by step, to a log file."""
     config = dict(config)
     log_path = config.pop("_episode_log")
-    from cape_ray.data.episodes import EpisodeSampler
+    from cape_ray.data.episodes import TrainingBatches
 
-    train_episodes = EpisodeSampler.train_episodes
+    step = TrainingBatches.step
 
-    def logged(self, epoch, indices):
+    def logged(self, epoch, first_episode):
         with open(log_path, "a") as log:
-            log.write("".join(f"{epoch} {int(i)}\n" for i in indices))
-        return train_episodes(self, epoch, indices)
+            log.write("".join(f"{epoch} {int(i)}\n" for i in self.step_indices(first_episode)))
+        return step(self, epoch, first_episode)
 
-    EpisodeSampler.train_episodes = logged
+    TrainingBatches.step = logged
     train_loop_per_worker(config)
 
 
@@ -95,26 +93,29 @@ def train_with_preemption_notice(config: dict) -> None:
     train_loop_per_worker(config)
 
 
-class ExporterThatDiesFirst(BestCheckpointExporter):
-    """On the first report with a new best, after Ray has registered the checkpoint and before the
-    export: SIGKILL the driver, then this controller process."""
+def train_and_kill_the_driver_at_a_new_best(config: dict) -> None:
+    """Train; at the first report of a new best, after its checkpoint and exports are stored but
+    before Ray hears of it, SIGKILL the driver (`_kill`: driver pid and a marker file, once)."""
+    config = dict(config)
+    plan = config.pop("_kill")
+    from cape_ray.worker import RayEdge
 
-    def __init__(self, best_metrics: str, driver_pid: int, marker: str):
-        super().__init__(best_metrics)
-        self.driver_pid, self.marker = driver_pid, marker
+    report = RayEdge.report
 
-    def after_report(self, run_context, metrics, checkpoint):
-        report = metrics[0] if metrics else {}
-        if checkpoint is not None and any(report.get(best_flag(m)) for m in self.metrics) \
-                and not os.path.exists(self.marker):
-            open(self.marker, "w").close()
-            os.kill(self.driver_pid, signal.SIGKILL)
+    def report_or_die(self, metrics, stored, name):
+        if stored is not None and any(k.startswith("is_best_") and v for k, v in metrics.items()) \
+                and not os.path.exists(plan["marker"]):
+            open(plan["marker"], "w").close()
+            os.kill(plan["driver_pid"], signal.SIGKILL)
             os.kill(os.getpid(), signal.SIGKILL)
-        super().after_report(run_context, metrics, checkpoint)
+        report(self, metrics, stored, name)
+
+    RayEdge.report = report_or_die
+    train_loop_per_worker(config)
 
 
-def drive_and_die_before_export(argv: list[str]) -> None:
-    """A driver (`python -c ...`) whose export callback kills it: argv = [marker, config JSON]."""
+def drive_and_die_at_a_new_best(argv: list[str]) -> None:
+    """A driver (`python -c ...`) that the first new best kills: argv = [marker, config JSON]."""
     import json
 
     from ray import cloudpickle
@@ -124,6 +125,5 @@ def drive_and_die_before_export(argv: list[str]) -> None:
 
     marker, config = argv[0], TrainConfig.from_dict(json.loads(argv[1]))
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    driver = os.getpid()
-    job.BestCheckpointExporter = lambda best_metrics: ExporterThatDiesFirst(best_metrics, driver, marker)
-    job.run(config)
+    job.run(config, train_fn=train_and_kill_the_driver_at_a_new_best,
+            train_loop_config={**config.to_dict(), "_kill": {"driver_pid": os.getpid(), "marker": marker}})

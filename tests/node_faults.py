@@ -2,8 +2,9 @@
 
 Every worker-group attempt gets one id (drawn by rank 0, broadcast to the others). Each rank logs
 the attempt's start (its node, pid, and the position of the checkpoint it restored, read from that
-checkpoint's state.json) and every (epoch, episode index) it trains, with wall times, and sleeps
-`step_delay_s` per micro-batch so that an epoch lasts long enough for a node to be lost in it.
+checkpoint's state.json) and, step by step as they are trained, every (epoch, episode index) with
+wall times, and sleeps `step_delay_s` per micro-batch so that an epoch lasts long enough for a node
+to be lost in it.
 """
 
 from __future__ import annotations
@@ -54,17 +55,17 @@ def train_logged(config: dict) -> None:
                               "node": ray.get_runtime_context().get_node_id(), "restored": name,
                               "restored_at": [epoch, episode], "t": time.time()}) + "\n")
 
-    from cape_ray.data.episodes import EpisodeSampler
+    from cape_ray.data.episodes import TrainingBatches
 
-    train_episodes = EpisodeSampler.train_episodes
+    step = TrainingBatches.step
     delay = float(plan["step_delay_s"])
 
-    def logged(self, epoch, indices):
-        time.sleep(delay)
+    def logged(self, epoch, first_episode):
+        time.sleep(delay * self.accumulation)  # step_delay_s per micro-batch
         now = time.time()
         with open(log_path, "a") as log:
-            log.write("".join(f"{epoch} {int(i)} {now:.3f}\n" for i in indices))
-        return train_episodes(self, epoch, indices)
+            log.write("".join(f"{epoch} {int(i)} {now:.3f}\n" for i in self.step_indices(first_episode)))
+        return step(self, epoch, first_episode)
 
-    EpisodeSampler.train_episodes = logged
+    TrainingBatches.step = logged
     train_loop_per_worker(config)

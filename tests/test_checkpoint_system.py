@@ -58,7 +58,7 @@ def scripted_validation(values: list[tuple[float, float]]):
 
 def train(root: Path, name: str, crash_after=None, edge=None, **changes) -> LocalEdge:
     config = make_config(root, name, **changes)
-    edge = edge or LocalEdge(root / name, config.best_metrics, crash_after=crash_after, quiet=True)
+    edge = edge or LocalEdge(root / name, crash_after=crash_after, quiet=True)
     try:
         train_loop_per_worker(config.to_dict(), edge)
     except Crash:

@@ -193,32 +193,34 @@ def test_driver_killed_then_rerun_resumes_bitwise(reference, ray_cluster, tiny_c
     assert exports_in(run_dir) == expected_exports(reference[1].state["history"])
 
 
-def test_driver_killed_between_registration_and_export_gets_the_right_exports(reference, ray_cluster,
-                                                                              tiny_config):
-    """Ray registers (and snapshots) a checkpoint, then runs the export callback. Kill the driver
-    and the controller in between, at epoch 1's new best: the rerun exports it at its start."""
+def test_driver_killed_at_a_new_best_before_ray_registers_it_gets_the_right_exports(reference, ray_cluster,
+                                                                                     tiny_config):
+    """The first new best (epoch 1's end): its checkpoint and exports are stored, then the driver is
+    SIGKILLed before Ray registers the checkpoint. The rerun resumes from the checkpoint before, redoes
+    epoch 1's end, and ends with the reference's weights and exports, nothing orphaned."""
     config = tiny_config("window", **TWO_WORKERS)
     run_dir = Path(config.storage_path) / "window"
     marker = Path(config.storage_path) / "killed.marker"
     env = {**os.environ, "RAY_ADDRESS": ray_cluster, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    first = subprocess.run([sys.executable, "-c", "import faults, sys; faults.drive_and_die_before_export(sys.argv[1:])",
+    first = subprocess.run([sys.executable, "-c", "import faults, sys; faults.drive_and_die_at_a_new_best(sys.argv[1:])",
                             str(marker), json.dumps(config.to_dict())], env=env, capture_output=True, text=True,
                            timeout=300)
     assert first.returncode == -signal.SIGKILL, first.stdout[-2000:] + first.stderr[-2000:]
     assert marker.exists()
     wait_for_idle_cluster()
-    snapshot = (run_dir / "checkpoint_manager_snapshot.json").read_text()
-    assert "checkpoint_e001_lr3e-3_bs2_acc2_qpe2\"" in snapshot  # registered ...
-    assert exports_in(run_dir) == set()  # ... but never exported
+    epoch_one = ckpt.checkpoint_name(config, 1)
+    assert (run_dir / epoch_one).is_dir() and exports_in(run_dir)  # stored and exported ...
+    assert f'"{epoch_one}"' not in (run_dir / "checkpoint_manager_snapshot.json").read_text()  # ... unregistered
 
     rerun = subprocess.run(driver_command(config), env=env, capture_output=True, text=True, timeout=300)
     output = rerun.stdout + rerun.stderr
     assert rerun.returncode == 0, output[-3000:]
-    assert "was missing (a crash came before it was made): exported now" in output, output[-3000:]
+    assert "RESUMING FROM CHECKPOINT" in output and "Will resume from epoch 1, after step 3" in output
     assert_bitwise_equal(final_checkpoint(run_dir), reference[1])
     assert exports_in(run_dir) == expected_exports(reference[1].state["history"])
-    for name in exports_in(run_dir):
-        assert ckpt.verify_checkpoint(run_dir / name) == []
+    for path in run_dir.glob("checkpoint_*"):
+        if path.is_dir():
+            assert ckpt.verify_checkpoint(path) == [], path.name
 
 
 def test_corrupted_latest_falls_back_to_previous_valid(ray_cluster, tiny_config):

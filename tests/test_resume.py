@@ -11,6 +11,7 @@ forgot its best on resume would export a worse checkpoint as the best.
 from __future__ import annotations
 
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -44,17 +45,17 @@ def config_for(root: Path, name: str, **changes):
 
 
 def run(config, **edge_options) -> LocalEdge:
-    edge = LocalEdge(Path(config.storage_path) / config.name, config.best_metrics, **edge_options)
+    edge = LocalEdge(Path(config.storage_path) / config.name, **edge_options)
     train_loop_per_worker(config.to_dict(), edge)
     return edge
 
 
 def crash_then_resume(config, crash_after: int, **crash_options) -> LocalEdge:
-    first = LocalEdge(Path(config.storage_path) / config.name, config.best_metrics, crash_after=crash_after,
+    first = LocalEdge(Path(config.storage_path) / config.name, crash_after=crash_after,
                       **crash_options)
     with pytest.raises(Crash):
         train_loop_per_worker(config.to_dict(), first)
-    second = LocalEdge.after(first, best_metrics=config.best_metrics)
+    second = LocalEdge.after(first)
     train_loop_per_worker(config.to_dict(), second)
     return second
 
@@ -119,12 +120,26 @@ def test_crash_then_resume_is_bitwise_identical(reference, tmp_path, crash_after
     assert_same_run(tmp_path / "resumed", reference)
 
 
-def test_crash_between_registration_and_export_is_repaired_at_restart(reference, tmp_path, capfd):
-    # epoch 1's checkpoint is a new best by every metric; the crash comes before any export of it
-    edge = crash_then_resume(config_for(tmp_path, "window"), REPORTS_PER_EPOCH, crash_before_export=True)
-    assert "exported now" in capfd.readouterr().out
+@pytest.mark.parametrize("before_report", [True, False], ids=["before-registration", "after-registration"])
+def test_a_crash_around_a_new_best_keeps_the_right_exports(reference, tmp_path, before_report):
+    """Epoch 1's checkpoint is a new best by every metric. A crash after it and its exports are
+    stored but before Ray registers it: the restart redoes it from the mid-epoch checkpoint and
+    exports the same; a crash right after the registration: the restart continues."""
+    crash_then_resume(config_for(tmp_path, "window"), REPORTS_PER_EPOCH, crash_before_report=before_report)
     assert_same_run(tmp_path / "window", reference)
-    assert edge.latest.endswith("checkpoint_e003_lr3e-3_bs2_acc2_qpe2")
+
+
+def test_exports_missing_at_a_start_are_made_from_the_restored_tracking(reference, tmp_path, capfd):
+    """However they went missing (deleted by hand, a crash inside a copy), a start remakes the
+    exports its restored tracking names, from their checkpoints."""
+    edge = crash_then_resume(config_for(tmp_path, "missing"), 2 * REPORTS_PER_EPOCH)  # stop after epoch 2
+    run_dir = tmp_path / "missing"
+    for export in run_dir.glob("checkpoint_best_*"):
+        shutil.rmtree(export)
+    (run_dir / "checkpoint_best_pck_e001_pck0.1000_valloss0.9000").mkdir()  # a copy cut short
+    train_loop_per_worker(config_for(tmp_path, "missing").to_dict(), LocalEdge.after(edge))
+    assert "was missing (a crash came before it was made): exported now" in capfd.readouterr().out
+    assert_same_run(run_dir, reference)
 
 
 def test_resume_from_a_path_continues_exactly(reference, tmp_path):

@@ -227,6 +227,13 @@ class TrainingBatches:
     def episodes_per_step(self) -> int:
         return self.batch_size * self.accumulation * self.world_size
 
+    def step_indices(self, first_episode: int) -> np.ndarray:
+        """The global episode indices this rank trains in the step starting at `first_episode`,
+        micro-batch by micro-batch, as global_episode_indices lays them out."""
+        return first_episode + np.concatenate([
+            global_episode_indices(0, micro, self.rank, self.world_size, self.batch_size, self.accumulation)
+            for micro in range(self.accumulation)])
+
     def step(self, epoch: int, first_episode: int) -> list[EpisodeBatch]:
         step = self.plan.step_of(epoch, first_episode) if self.plan is not None else None
         if step is None:
@@ -240,10 +247,7 @@ class TrainingBatches:
         if first_episode < 0 or steps < 1:
             raise ValueError(f"no optimizer step of {per_step} episodes starts at episode {first_episode} of an "
                              f"epoch of {self.episodes_per_epoch}")
-        # the step's own indices, micro-batch by micro-batch, as global_episode_indices lays them out
-        within_step = np.concatenate([global_episode_indices(0, micro, self.rank, self.world_size, self.batch_size,
-                                                             self.accumulation) for micro in range(self.accumulation)])
-        indices = (first_episode + per_step * np.arange(steps)[:, None] + within_step[None, :]).reshape(-1)
+        indices = np.concatenate([self.step_indices(first_episode + per_step * step) for step in range(steps)])
         episodes = self.sampler.train_episodes(epoch, indices)
 
         shape = (steps, self.accumulation, self.batch_size)
