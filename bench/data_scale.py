@@ -147,7 +147,7 @@ def restart_seconds(config: TrainConfig, work: Path, name: str) -> float:
 
 # ------------------------------------------------------------------------------------ 4. memory
 def measure_memory_then_train(loop_config: dict) -> None:
-    """Train, recording this worker's PSS before loading data, once both workers hold both splits
+    """Train, recording this worker's PSS right before it loads data, once both workers hold both splits
     (every page read once, as an epoch does), and after the first optimizer step."""
     loop_config = dict(loop_config)
     out = Path(loop_config.pop("_memory_out"))
@@ -159,10 +159,12 @@ def measure_memory_then_train(loop_config: dict) -> None:
 
     rank = ray.train.get_context().get_world_rank()
     cache_dir = loop_config["cache_dir"]
-    record = {"pid": os.getpid(), "before_data": pss_bytes(), "split_bytes": 0}
+    record = {"pid": os.getpid(), "split_bytes": 0}
     load, step = worker_module.load_split, engine.train_step
 
     def load_and_measure(config, subset, num_queries):
+        if subset == "train":  # right before the first split: what the loop set up before is not data
+            record["before_data"] = pss_bytes()
         split = load(config, subset, num_queries)
         int(split.images.view(-1)[::4096].sum())  # touch every page of the images
         record["split_bytes"] += sum(getattr(split, f).numel() * getattr(split, f).element_size()
