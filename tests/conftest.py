@@ -43,3 +43,15 @@ def s3_endpoint():
     from s3_server import run_s3_server
 
     yield from run_s3_server()
+
+
+@pytest.fixture
+def ray_must_not_start(monkeypatch):
+    """Fail the test if the code under test starts (or attaches to) Ray: for what must be decided
+    before Ray starts. Works whether or not the session's Ray instance is already up."""
+    import ray
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(ray, "init", refuse)

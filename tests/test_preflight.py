@@ -15,13 +15,10 @@ from tiny import cli_flags, make_config
 
 
 def train_cli(capsys, config, *extra: str) -> tuple[int, str, str]:
-    import ray
-
     try:
         status = cli.main(["train", *cli_flags(config), *extra])
     except SystemExit as exit_:
         status = exit_.code
-    assert not ray.is_initialized()
     out, err = capsys.readouterr()
     return status, out, err
 
@@ -31,12 +28,12 @@ def train_cli(capsys, config, *extra: str) -> tuple[int, str, str]:
     (dict(best_metrics="val_pck:max,accuracy:max"), "--best_metrics: 'accuracy' is not a reported metric"),
     (dict(resume="/nonexistent/ckpt"), "--resume /nonexistent/ckpt: no such checkpoint or run directory"),
 ])
-def test_config_errors_found_before_ray_are_one_line(tmp_path, capsys, changes, words):
+def test_config_errors_found_before_ray_are_one_line(tmp_path, capsys, changes, words, ray_must_not_start):
     status, out, err = train_cli(capsys, make_config(tmp_path, "bad", **changes))
     assert status == 2 and words in err and err.count("\n") == 1 and out == ""
 
 
-def test_missing_mp100_files_and_a_resume_that_does_not_fit(tmp_path, capsys):
+def test_missing_mp100_files_and_a_resume_that_does_not_fit(tmp_path, capsys, ray_must_not_start):
     (tmp_path / "mp100").mkdir()
     status, _, err = train_cli(capsys, make_config(tmp_path, "data", data_root=str(tmp_path / "mp100")))
     assert status == 2 and "annotations/mp100_split1_train.json does not exist" in err
@@ -47,7 +44,7 @@ def test_missing_mp100_files_and_a_resume_that_does_not_fit(tmp_path, capsys):
     assert status == 2 and "feature_dim: checkpoint 16 vs now 32" in err
 
 
-def test_a_rerun_with_nothing_left_to_train_says_why(tmp_path, capsys):
+def test_a_rerun_with_nothing_left_to_train_says_why(tmp_path, capsys, ray_must_not_start):
     config = make_config(tmp_path, "finished", epochs=1, checkpoint_every_steps=0)
     edge = LocalEdge(tmp_path / "finished", quiet=True)
     train_loop_per_worker(config.to_dict(), edge)
