@@ -351,7 +351,8 @@ def sync_exports(fs: pafs.FileSystem, run_dir: str, exports: Iterable[Export], v
         present = export.name in existing and not refresh and not (verify_existing and storage.problems(fs, target))
         if not present:
             source = f"{run_dir}/{export.checkpoint}"
-            if export.checkpoint is None or storage.problems(fs, source):
+            # a checkpoint just stored (`refresh`) was verified as it was written: not read again
+            if export.checkpoint is None or (not refresh and storage.problems(fs, source)):
                 problems.append(f"best-by-{export.metric} export {export.name} cannot be made: its checkpoint "
                                 f"{export.checkpoint} is missing or damaged")
                 continue

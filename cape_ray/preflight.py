@@ -42,9 +42,9 @@ def check(config: TrainConfig) -> None:
                                   f"DATA_ROOT/annotations/mp100_split{{N}}_{{train,val,test}}.json)")
     if config.resume:
         try:
-            fs, path = resolve_resume(config.resume)
-            with storage.local_copy(fs, path) as local:
-                ckpt.check_compatible(ckpt.read_state(local), config, path)
+            fs, path = resolve_resume(config.resume)  # verified there: read only its state.json here
+            with fs.open_input_stream(f"{path}/{ckpt.STATE}") as stream:
+                ckpt.check_compatible(json.loads(stream.read().decode()), config, path)
         except ckpt.CheckpointError as exc:
             raise ConfigError(str(exc) if str(exc).startswith("--resume") else f"--resume: {exc}") from None
 
