@@ -73,9 +73,13 @@ class DriverConsole:
 
     def __enter__(self) -> "DriverConsole":
         import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+        # On the driver's own node: a relay on a worker node would go down with that node (a spot
+        # reclaim), and every line after it with it. The driver's node lasts as long as the driver.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         relay = ray.remote(num_cpus=0, max_restarts=0)(ConsoleRelay)
-        self.actor = relay.options(name=self.name, lifetime="non_detached").remote()
+        self.actor = relay.options(name=self.name, lifetime="non_detached", scheduling_strategy=here).remote()
         self._thread = threading.Thread(target=self._pump, name="cape-ray-console", daemon=True)
         self._thread.start()
         return self
