@@ -40,6 +40,12 @@ def derived_seed(*parts: int) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
+def visible_cuda_devices() -> int:
+    """CUDA devices this process can use (0 without CUDA). One place to ask, so that tests can fake
+    a GPU machine for the restore logic without faking CUDA for torch itself."""
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def capture() -> dict[str, Any]:
     kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
     cuda, cuda_device = None, None
@@ -84,7 +90,7 @@ def restore(state: dict[str, Any], cuda_fallback_seed: Optional[int] = None) -> 
     random.setstate(state["py_rng_state"])
     result = RestoredRng(restored=["torch"])
     saved = state.get("cuda_rng_state") or []
-    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    visible = visible_cuda_devices()
     if saved and visible:
         shared = min(len(saved), visible)
         for device in range(shared):

@@ -250,7 +250,7 @@ def test_submit_sh_builds_the_job_command():
     assert other[other.index("--submission-id") + 1] != words[words.index("--submission-id") + 1]
     assert "--no-wait" in other
     pip = json.loads(other[other.index("--runtime-env-json") + 1])["pip"]["packages"]
-    assert "torch==2.13.0" in pip and not any(p.startswith("ray") for p in pip)
+    assert "torch==2.14.1" in pip and not any(p.startswith("ray") for p in pip)
     address = dry_run("--name", "a", "--storage_path", "/nfs", env={"RAY_ADDRESS": "http://10.0.0.5:8265"})
     assert "--address http://10.0.0.5:8265" in address.stdout
 

@@ -78,8 +78,7 @@ def test_another_gpu_count_is_decided_and_said(tmp_path, capfd, monkeypatch):
     config = make_config(tmp_path, "gpu_run")
     source = gpu_checkpoint(tmp_path, config, cuda_states=2, trained_on=1)
     restored_into = []
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(rng, "visible_cuda_devices", lambda: 1)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored_into.append((int(state[0]), device)))
     edge, drawn = resume(config, source, monkeypatch)
