@@ -42,7 +42,7 @@ from cape_ray.data.episodes import EpisodeSampler, TrainingBatches, collate, glo
 from cape_ray.data.loading import load_split  # noqa: E402
 from cape_ray.data.transforms import PreparedSplit  # noqa: E402
 from cape_ray.job import build_trainer  # noqa: E402
-from cape_ray.model.cape import build_model  # noqa: E402
+from cape_ray.model import build_model  # noqa: E402
 
 STEPS_PER_S_GOAL = 100.0  # the default config on one H200
 RAY_TO_MODEL_GOAL = 0.7

@@ -32,7 +32,7 @@ from cape_ray.config import TrainConfig  # noqa: E402
 from cape_ray.data.episodes import TrainingBatches  # noqa: E402
 from cape_ray.data.loading import load_split  # noqa: E402
 from cape_ray.job import build_trainer  # noqa: E402
-from cape_ray.model.cape import build_model  # noqa: E402
+from cape_ray.model import build_model  # noqa: E402
 from cape_ray.state import TrainState  # noqa: E402
 
 

@@ -27,7 +27,7 @@ from typing import Any, Optional
 
 import torch
 
-from cape_ray.config import MODEL_FIELDS, TrainConfig
+from cape_ray.config import TrainConfig
 from cape_ray.tracking import export_kind
 
 SCHEMA_VERSION = 2
@@ -238,13 +238,14 @@ def load_checkpoint(directory: str | os.PathLike, map_location: str | torch.devi
 
 
 def check_compatible(state: dict, config: TrainConfig, path: str) -> None:
-    """A clear error instead of a shape-mismatch traceback when the model would not fit."""
-    saved = state["config"]
-    diffs = [f"{k}: checkpoint {saved.get(k)!r} vs now {getattr(config, k)!r}"
-             for k in MODEL_FIELDS if saved.get(k) != getattr(config, k)]
+    """A clear error instead of a shape-mismatch traceback when the model would not fit: the
+    checkpoint's model spec (builder and arguments) against `config`'s (identity.py)."""
+    from cape_ray.identity import compare
+
+    diffs = [d for d in compare(state["config"], state.get("model"), config).math if d.field.startswith("model")]
     if diffs:
         raise CheckpointError(
-            f"checkpoint {path} was written with another model configuration ({'; '.join(diffs)}). "
+            f"checkpoint {path} was written with another model ({'; '.join(d.line() for d in diffs)}). "
             f"Resume with the same model flags, or start a new run with another --name.")
 
 

@@ -19,6 +19,7 @@ import torch
 
 from cape_ray.data.episodes import Episode, collate
 from cape_ray.data.transforms import PreparedSplit
+from cape_ray.model.api import parameter_groups
 from cape_ray.metrics import (
     PCK_THRESHOLDS,
     coordinate_l1,
@@ -57,12 +58,14 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 # ---------------------------------------------------------------------------------------- loss
-def keypoint_losses(coords: torch.Tensor, logits: torch.Tensor, tensors: dict[str, torch.Tensor]):
-    """Model outputs -> (per-keypoint loss [B, Q, K], loss mask [B, Q, K])."""
+def keypoint_losses(coords: torch.Tensor, logits: Optional[torch.Tensor], tensors: dict[str, torch.Tensor]):
+    """Model outputs (model/api.py: Prediction) -> (per-keypoint loss [B, Q, K], loss mask [B, Q, K]).
+    Computed in float32 whatever precision the model ran in."""
     gt = tensors["query_keypoints"]
     valid = loss_valid_mask(tensors["query_visible"], tensors["support_visible"], tensors["keypoint_mask"])
-    losses = coordinate_l1(coords, gt)
-    if SIMILARITY_LOSS_WEIGHT > 0:
+    losses = coordinate_l1(coords.float(), gt)
+    if SIMILARITY_LOSS_WEIGHT > 0 and logits is not None:
+        logits = logits.float()
         # a gt outside the crop (rotated out) has no cell to peak at: only the L1 applies there
         inside = ((gt >= 0) & (gt <= 1)).all(dim=-1)
         cross_entropy = similarity_cross_entropy(logits, gt)
@@ -73,7 +76,7 @@ def keypoint_losses(coords: torch.Tensor, logits: torch.Tensor, tensors: dict[st
 def compute_loss(model: torch.nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (scalar loss: mean over valid keypoints of the batch, predictions [L, B, Q, K, 2])."""
     tensors = batch_tensors(batch, model_device(model))
-    coords, logits = model(*(tensors[name] for name in MODEL_INPUTS), return_similarity=True)
+    coords, logits = model(*(tensors[name] for name in MODEL_INPUTS))
     losses, valid = keypoint_losses(coords, logits, tensors)
     loss = losses.masked_fill(~valid, 0.0).sum() / valid.sum().clamp(min=1)
     return loss, coords
@@ -110,7 +113,7 @@ def output_sums(coords: torch.Tensor, logits: Optional[torch.Tensor], tensors: d
                 ) -> dict[str, float]:
     """Sums over a batch's pairs from the model's outputs: pck@a_sum (per pair) and pairs, and with
     `logits` also loss_sum / loss_count (per keypoint)."""
-    sums = pck_sums(coords[-1], tensors)
+    sums = pck_sums(coords[-1].float(), tensors)
     if logits is not None:
         losses, loss_mask = keypoint_losses(coords, logits, tensors)
         sums["loss_sum"] = float(losses.double().masked_fill(~loss_mask, 0.0).sum())
@@ -125,7 +128,7 @@ def evaluation_sums(model: torch.nn.Module, batch) -> dict[str, float]:
     model.eval()
     try:
         tensors = batch_tensors(batch, model_device(model))
-        coords, logits = model(*(tensors[name] for name in MODEL_INPUTS), return_similarity=True)
+        coords, logits = model(*(tensors[name] for name in MODEL_INPUTS))
     finally:
         model.train(was_training)
     return output_sums(coords, logits, tensors)
@@ -257,7 +260,7 @@ def predict_batch(model: torch.nn.Module, split: PreparedSplit, episodes: Sequen
         query_features = bank.lookup(batch.query_rows.to(device))
     coords, logits = model.decode(support_features, *(tensors[name] for name in ("support_keypoints",
                                   "support_visible")), query_features, tensors["keypoint_mask"],
-                                  tensors["skeleton"], return_similarity=True)
+                                  tensors["skeleton"])
     return batch, tensors, coords, logits
 
 
@@ -314,14 +317,24 @@ def center_predictions(batch) -> torch.Tensor:
 
 # ------------------------------------------------------------------------ optimizer and schedule
 def build_optimizer(model: torch.nn.Module, config) -> torch.optim.AdamW:
-    """AdamW; weight decay only on matrices and conv kernels (not on norms, biases or the temperature)."""
-    decay, no_decay = [], []
+    """AdamW over the trainable parameters; weight decay only on matrices and conv kernels (not on
+    norms, biases or the temperature). With --backbone_lr_mult, the model's backbone parameters
+    (model/api.py: parameter_groups) get groups of their own at lr x the multiplier."""
+    backbone = {id(p) for p in parameter_groups(model)["backbone"]}
+    mult = float(getattr(config, "backbone_lr_mult", 1.0))
+    groups: dict[tuple[bool, bool], list] = {}
     for _, parameter in sorted(model.named_parameters()):
         if parameter.requires_grad:
-            (decay if parameter.dim() >= 2 else no_decay).append(parameter)
-    groups = [{"params": decay, "weight_decay": config.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=config.lr)
+            is_backbone = mult != 1.0 and id(parameter) in backbone
+            groups.setdefault((is_backbone, parameter.dim() >= 2), []).append(parameter)
+    param_groups = []
+    for is_backbone in (False, True):
+        for decay in (True, False):
+            params = groups.get((is_backbone, decay), [])
+            if params or not is_backbone:  # the two head groups always exist (a stable layout)
+                param_groups.append({"params": params, "weight_decay": config.weight_decay if decay else 0.0,
+                                     "lr": config.lr * (mult if is_backbone else 1.0)})
+    return torch.optim.AdamW(param_groups, lr=config.lr)
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:

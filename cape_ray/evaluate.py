@@ -46,7 +46,7 @@ from cape_ray.data.episodes import Episode, EpisodeSampler
 from cape_ray.data.loading import load_split
 from cape_ray.data.transforms import PreparedSplit
 from cape_ray.metrics import PCK_THRESHOLDS
-from cape_ray.model.cape import build_model
+from cape_ray.model import ModelError, ModelSpec, build
 
 log = logging.getLogger("cape_ray")
 
@@ -155,7 +155,7 @@ def setup(checkpoint: str, split: str = "test", *, data_root: Optional[str] = No
         loaded = ckpt.load_checkpoint(local, map_location="cpu")
     config = evaluation_config(loaded.state["config"], data_root=data_root, mp100_split=mp100_split,
                                num_shots=num_shots)
-    model = build_model(config)
+    model = model_from_record(loaded.state, checkpoint)
     try:
         model.load_state_dict(loaded.model)
     except RuntimeError as exc:
@@ -177,11 +177,24 @@ def setup(checkpoint: str, split: str = "test", *, data_root: Optional[str] = No
                      queries=queries, seed=seed, device=target)
 
 
+def model_from_record(state: dict, checkpoint: str) -> nn.Module:
+    """The model a checkpoint records (builder and arguments, model/api.py), freshly built: every
+    command rebuilds it from the checkpoint alone. A model of your own must be importable here."""
+    record = state.get("model")
+    if not record:
+        raise EvaluationError(f"checkpoint {checkpoint} records no model (written by cape-ray "
+                              f"{state.get('versions', {}).get('cape_ray', '?')}); use the cape-ray that wrote it")
+    try:
+        return build(ModelSpec.from_dict(record))
+    except ModelError as exc:
+        raise EvaluationError(f"cannot rebuild the model of checkpoint {checkpoint}: {exc}") from None
+
+
 # ----------------------------------------------------------------------------- the evaluation
 def predict(model: nn.Module, split: PreparedSplit, episodes: Sequence[Episode]):
     """(batch, final predictions [B, Q, K, 2] on the CPU) for a few episodes of one category."""
     batch, _, coords, _ = engine.predict_batch(model, split, episodes)
-    return batch, coords[-1].cpu()
+    return batch, coords[-1].float().cpu()
 
 
 # ----------------------------------------------------------------------------- results

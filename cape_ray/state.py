@@ -48,6 +48,7 @@ class TrainState:
     tracking: RunTracking
     history: list[dict] = field(default_factory=list)  # one metrics dict per validated epoch
     saved_versions: Optional[dict] = None  # the library versions of the checkpoint it was restored from
+    model: Optional[dict] = None  # model/api.py describe(): builder, kwargs, parameter counts, fingerprint
     device: str = "cpu"  # "cpu" or "cuda": what trained this state
     deterministic: bool = False  # whether deterministic algorithms were enforced (determinism.py)
 
@@ -79,6 +80,7 @@ class TrainState:
             "device": self.device,
             "deterministic": self.deterministic,
             "config": self.config.to_dict(),
+            "model": self.model,
             "versions": library_versions(),
             "metrics": dict(metrics or {}),
         }

@@ -20,7 +20,7 @@ from cape_ray.config import TrainConfig
 from cape_ray.console import Console, RelayLogHandler, find_relay
 from cape_ray.data.episodes import EpisodeSampler, TrainingBatches, shard
 from cape_ray.data.loading import load_split
-from cape_ray.model.cape import build_model
+from cape_ray.model import build_model, describe, model_spec
 from cape_ray.state import TrainState
 
 log = logging.getLogger("cape_ray")
@@ -51,6 +51,7 @@ def train(config: TrainConfig, edge: "RayEdge", deterministic: bool) -> None:
                                         seed=config.data_seed).fixed_episodes(config.val_episodes), rank, world_size)
     rng.seed_everything(config.seed)  # the same initial weights on every rank ...
     model = build_model(config).to(device)
+    model_record = describe(model, model_spec(config))
     rng.seed_everything(rng.derived_seed(config.seed, rank))  # ... then a dropout stream per rank
     checkpointer = Checkpointer(config, fs=edge.fs, run_dir=edge.run_dir, latest=edge.latest,
                                 registered=edge.registered, rank=rank, world_size=world_size,
@@ -64,6 +65,7 @@ def train(config: TrainConfig, edge: "RayEdge", deterministic: bool) -> None:
     steps_per_epoch = config.steps_per_epoch_at(world_size)
     scheduler = engine.build_scheduler(optimizer, config, steps_per_epoch * config.epochs)
     state = TrainState.fresh(config, world_size, device=device.type, deterministic=deterministic)
+    state.model = model_record
     resumed = (checkpointer.load_into(restored, state, engine.unwrap(model), optimizer, scheduler)
                if restored else Resumed())
     console = Console(config, rank, steps_per_epoch, write=edge.say, progress=edge.progress)

@@ -83,7 +83,7 @@ def test_incompatible_model_config_gives_clear_error(tmp_path):
     path = write_checkpoint(tmp_path, NAME, make_config(tmp_path, feature_dim=16))
     loaded = ckpt.load_checkpoint(path)
     ckpt.check_compatible(loaded.state, make_config(tmp_path, feature_dim=16), str(path))
-    with pytest.raises(ckpt.CheckpointError, match="feature_dim: checkpoint 16 vs now 32"):
+    with pytest.raises(ckpt.CheckpointError, match="model.feature_dim: 16 -> 32"):
         ckpt.check_compatible(loaded.state, make_config(tmp_path, feature_dim=32), str(path))
 
 

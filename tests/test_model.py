@@ -1,10 +1,10 @@
-"""CapeModel: output shape, padding invariance across mixed K, shots, determinism."""
+"""The CNN model: output shape, padding invariance across mixed K, shots, determinism."""
 
 import torch
 
 from cape_ray.config import TrainConfig
 from cape_ray.model import build_backbone, build_model
-from cape_ray.model.cape import sample_features
+from cape_ray.model.layers import sample_features
 
 SIZE = 32  # smallest allowed image size keeps these fast
 
@@ -45,6 +45,11 @@ def pad_and_stack(episodes: list[dict]) -> dict:
     return batch
 
 
+def coords_of(net, **inputs) -> torch.Tensor:
+    """The Prediction's coordinates [L, B, Q, K, 2] (model/api.py)."""
+    return net(**inputs).coords
+
+
 def model(**changes):
     torch.manual_seed(0)
     return build_model(TrainConfig(image_size=SIZE, **changes)).eval()
@@ -52,7 +57,7 @@ def model(**changes):
 
 def test_output_shape_and_range():
     net = model(refine_layers=2)
-    coords = net(**episode(7, shots=1, queries=3))
+    coords = coords_of(net, **episode(7, shots=1, queries=3))
     assert coords.shape == (3, 1, 3, 7, 2)  # proposal + 2 refinement layers
     assert coords.min() >= 0 and coords.max() <= 1
 
@@ -61,9 +66,9 @@ def test_padding_does_not_change_real_keypoints():
     net = model(refine_layers=2, use_skeleton=True)
     small, large = episode(5, seed=1), episode(9, seed=2)
     with torch.no_grad():
-        alone_small = net(**small)
-        alone_large = net(**large)
-        together = net(**pad_and_stack([small, large]))
+        alone_small = coords_of(net, **small)
+        alone_large = coords_of(net, **large)
+        together = coords_of(net, **pad_and_stack([small, large]))
     assert together.shape == (3, 2, 2, 9, 2)
     assert torch.allclose(together[:, 0, :, :5], alone_small[:, 0], atol=1e-5)
     assert torch.allclose(together[:, 1], alone_large[:, 0], atol=1e-5)
@@ -77,7 +82,7 @@ def test_five_identical_shots_equal_one_shot():
     five["support_keypoints"] = one["support_keypoints"].expand(1, 5, -1, -1)
     five["support_visible"] = one["support_visible"].expand(1, 5, -1)
     with torch.no_grad():
-        assert torch.allclose(net(**one), net(**five), atol=1e-5)
+        assert torch.allclose(coords_of(net, **one), coords_of(net, **five), atol=1e-5)
 
 
 def test_shot_where_keypoint_is_invisible_is_ignored():
@@ -89,7 +94,7 @@ def test_shot_where_keypoint_is_invisible_is_ignored():
     two["support_keypoints"] = torch.cat([one["support_keypoints"], other["support_keypoints"]], dim=1)
     two["support_visible"] = torch.cat([one["support_visible"], torch.zeros(1, 1, 6, dtype=torch.bool)], dim=1)
     with torch.no_grad():
-        assert torch.allclose(net(**one), net(**two), atol=1e-5)
+        assert torch.allclose(coords_of(net, **one), coords_of(net, **two), atol=1e-5)
 
 
 def test_training_is_deterministic():
@@ -99,7 +104,7 @@ def test_training_is_deterministic():
         batch = pad_and_stack([episode(4, seed=6), episode(6, seed=7)])
         target = torch.rand(2, 2, 6, 2, generator=torch.Generator().manual_seed(8))
         for _ in range(3):
-            loss = (net(**batch) - target).abs().mean()
+            loss = (coords_of(net, **batch) - target).abs().mean()
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -113,7 +118,7 @@ def test_large_backbone_runs():
     features = backbone(torch.rand(2, 3, 64, 64))
     assert features.shape == (2, 32, 64 // backbone.stride, 64 // backbone.stride)
     net = model(backbone="large", feature_dim=32, refine_layers=1)
-    assert net(**episode(3)).shape == (2, 1, 2, 3, 2)
+    assert coords_of(net, **episode(3)).shape == (2, 1, 2, 3, 2)
 
 
 def grid_sample_reference(features: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
@@ -150,15 +155,15 @@ def test_forward_is_decode_of_encode():
         supports = net.encode(inputs["support_images"].flatten(0, 1)).unflatten(0, (1, 2))
         queries = net.encode(inputs["query_images"].flatten(0, 1)).unflatten(0, (1, 3))
         decoded = net.decode(supports, inputs["support_keypoints"], inputs["support_visible"], queries,
-                             inputs["keypoint_mask"], inputs["skeleton"])
-        assert torch.allclose(decoded, net(**inputs), atol=1e-6)
+                             inputs["keypoint_mask"], inputs["skeleton"]).coords
+        assert torch.allclose(decoded, coords_of(net, **inputs), atol=1e-6)
     assert torch.allclose(supports.norm(dim=2), torch.ones(()), atol=1e-5)  # unit-norm features
 
 
 def test_window_patch_equals_sampling_every_window_point():
     """The refinement's (window + 1)^2 patch interpolation gives what sampling each of the window's
     points one by one gives (grid_sample, border padding), including estimates at the border."""
-    from cape_ray.model.cape import cell_and_offset, cell_patches, interpolate
+    from cape_ray.model.layers import cell_and_offset, cell_patches, interpolate
 
     g = torch.Generator().manual_seed(1)
     features = torch.nn.functional.normalize(torch.randn(2, 8, 10, 14, generator=g), dim=1).double()
@@ -178,7 +183,7 @@ def test_window_patch_equals_sampling_every_window_point():
 
 
 def test_local_soft_argmax_is_the_softmax_over_the_window_around_the_peak():
-    from cape_ray.model.cape import local_soft_argmax
+    from cape_ray.model.layers import local_soft_argmax
 
     g = torch.Generator().manual_seed(2)
     logits = torch.randn(3, 4, 9, 12, generator=g, dtype=torch.float64) * 3

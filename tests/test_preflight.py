@@ -41,7 +41,7 @@ def test_missing_mp100_files_and_a_resume_that_does_not_fit(tmp_path, capsys, ra
     done = make_config(tmp_path, "done", epochs=1, checkpoint_every_steps=0)
     train_loop_per_worker(done.to_dict(), LocalEdge(tmp_path / "done", quiet=True))
     status, _, err = train_cli(capsys, make_config(tmp_path, "other", resume=str(tmp_path / "done"), feature_dim=32))
-    assert status == 2 and "feature_dim: checkpoint 16 vs now 32" in err
+    assert status == 2 and "model.feature_dim: 16 -> 32" in err
 
 
 def test_a_rerun_with_nothing_left_to_train_says_why(tmp_path, capsys, ray_must_not_start):

@@ -18,7 +18,7 @@ from cape_ray import engine, rng
 from cape_ray.checkpoint import serialize
 from cape_ray.checkpointer import Checkpointer
 from cape_ray.config import TrainConfig
-from cape_ray.model import build_model
+from cape_ray.model import build_model, describe, model_spec
 from cape_ray.state import TrainState
 
 TINY = dict(
@@ -60,6 +60,7 @@ def write_checkpoint(run_dir, name: str, config: TrainConfig, *, seed: int = 0, 
     optimizer.step()
     scheduler.step()
     state = state or TrainState.fresh(config, ranks)
+    state.model = state.model or describe(model, model_spec(config))
     if rank_states is None:
         rank_states = {}
         for rank in range(ranks):

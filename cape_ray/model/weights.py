@@ -1,0 +1,88 @@
+"""`--pretrained`: backbone weights from a file, or from the Hugging Face Hub where it is reachable.
+
+A file is `.safetensors` or anything `torch.load(weights_only=True)` reads: a state dict, or one
+wrapped as {"state_dict": ...} / {"model": ...} (keys prefixed "module." by DDP are unwrapped).
+`hf-hub:ORG/NAME` and `timm:NAME` ask timm to download the weights; without a network that fails,
+and the message says how to fetch the file elsewhere and pass its path. No weights are downloaded
+at run time otherwise, and none are part of cape-ray.
+
+The model loads them with its own `load_pretrained(state_dict, source)` (see api.py), which reports
+the tensors loaded, missing and unexpected, and refuses a shape mismatch naming the key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from cape_ray.model.api import LoadReport, ModelError
+
+HUB_PREFIXES = ("hf-hub:", "timm:")
+
+
+def is_hub_name(source: str) -> bool:
+    return source.startswith(HUB_PREFIXES)
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a weights file; ModelError (one line) when it cannot be read as one."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ModelError(f"--pretrained {path}: no such file")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            data: Any = load_file(str(path))
+        else:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a corrupt file, a pickle with Python objects, not a weights file
+        raise ModelError(f"--pretrained {path}: cannot be read as weights ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); pass a .safetensors file or a "
+                         f"torch state dict saved with torch.save(model.state_dict(), PATH)") from None
+    for key in ("state_dict", "model"):
+        if isinstance(data, dict) and isinstance(data.get(key), dict):
+            data = data[key]
+    if not isinstance(data, dict) or not data or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise ModelError(f"--pretrained {path}: holds no state dict of tensors (a mapping of names to tensors)")
+    return {key.removeprefix("module."): value for key, value in data.items()}
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(Path(path).expanduser(), "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def hub_state_dict(source: str, backbone: str) -> dict[str, torch.Tensor]:
+    """Weights named `hf-hub:ORG/NAME` or `timm:NAME` (timm's pretrained tag), through timm's
+    downloader. Where the Hub cannot be reached: ModelError saying how to pass a file instead."""
+    import timm
+
+    name = source.split(":", 1)[1] or backbone
+    model_name = f"hf-hub:{name}" if source.startswith("hf-hub:") else name
+    try:
+        model = timm.create_model(model_name, pretrained=True, num_classes=0)
+    except Exception as exc:
+        repo = name if source.startswith("hf-hub:") else f"timm/{name}"
+        raise ModelError(
+            f"--pretrained {source}: the Hugging Face Hub cannot be reached from here ({type(exc).__name__}); on a "
+            f"machine with internet run `hf download {repo} model.safetensors --local-dir weights/`, copy the file "
+            f"here and pass --pretrained weights/model.safetensors") from None
+    return model.state_dict()
+
+
+def load_pretrained(model: nn.Module, source: str, backbone: str = "") -> LoadReport:
+    """Load `source` into `model` through its `load_pretrained`; ModelError when it has none."""
+    loader = getattr(model, "load_pretrained", None)
+    if not callable(loader):
+        raise ModelError(f"--pretrained: the model ({type(model).__name__}) has no load_pretrained(state_dict) "
+                         f"method to take backbone weights (see cape_ray/model/api.py)")
+    state_dict = hub_state_dict(source, backbone) if is_hub_name(source) else read_state_dict(source)
+    return loader(state_dict, source=source)
