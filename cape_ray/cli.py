@@ -13,7 +13,7 @@ import sys
 import typing
 from typing import Optional, Sequence
 
-from cape_ray.config import ConfigError, TrainConfig
+from cape_ray.config import ConfigError, TrainConfig, read_config_file
 
 HELP = {
     "name": "run name; rerunning with the same name and storage path resumes the run",
@@ -65,14 +65,34 @@ def _both(name: str) -> list[str]:
     return [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
 
 
+def json_mapping(text: str) -> dict:
+    """A flag's JSON object, e.g. --model_kwargs '{"heads": 4}'."""
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"heads\": 4}}': {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"heads\": 4}}', got {text!r}")
+    return value
+
+
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=None, metavar="RUN.YAML",
+                        help="read the training settings from a YAML file (keys: these flags' names); flags given "
+                             "here override it. A run directory's config.yaml reproduces that run.")
     for f in dataclasses.fields(TrainConfig):
         kind = _field_type(f)
         names = _both(f.name)
-        help_text = HELP.get(f.name, "") + f" (default: {f.default})"
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = HELP.get(f.name, "") + f" (default: {default})"
         if kind is bool:
             parser.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction,
                                 default=None, help=help_text)
+        elif f.name == "tracker":
+            parser.add_argument(*names, dest=f.name, action="append", default=None, metavar="TRACKER",
+                                choices=["mlflow", "wandb", "tensorboard", "none"], help=help_text + "; repeatable")
+        elif kind is dict:
+            parser.add_argument(*names, dest=f.name, type=json_mapping, default=None, metavar="JSON", help=help_text)
         else:
             parser.add_argument(*names, dest=f.name, type=kind, default=None, metavar=f.name.upper(),
                                 help=help_text)
@@ -81,14 +101,16 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> TrainConfig:
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
-              if getattr(args, f.name) is not None}
+    """--config's settings, overridden by the flags given on the command line, validated."""
+    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+             if getattr(args, f.name) is not None}
     if args.output_dir is not None:
-        if "storage_path" in values and values["storage_path"] != args.output_dir:
+        if "storage_path" in flags and flags["storage_path"] != args.output_dir:
             parser.error("--output_dir and --storage_path name the same thing; give one of them")
-        values["storage_path"] = args.output_dir
+        flags["storage_path"] = args.output_dir
     try:
-        return TrainConfig(**values)
+        values = read_config_file(args.config) if getattr(args, "config", None) else {}
+        return TrainConfig(**{**values, **flags})
     except ConfigError as exc:
         parser.error(str(exc))
         raise  # unreachable: parser.error exits

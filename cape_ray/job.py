@@ -15,14 +15,19 @@ from typing import Callable, Optional
 import ray
 from ray.train import CheckpointConfig, FailureConfig, Result, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
+from ray.train.v2.api.exceptions import TrainingFailedError
 
-from cape_ray import preflight
+from cape_ray import preflight, storage
 from cape_ray.checkpointer import RETENTION_KEY, retention_slots
 from cape_ray.config import TrainConfig
 from cape_ray.console import DriverConsole
 from cape_ray.history import RunHistory
 from cape_ray.lease import DriverLease
+from cape_ray.model.api import module_source
 from cape_ray.worker import train_loop_per_worker
+
+
+CONFIG_FILE = "config.yaml"
 
 
 def storage_uri(config: TrainConfig) -> str:
@@ -47,9 +52,39 @@ def build_trainer(config: TrainConfig, train_fn: Callable[[dict], None] = train_
         checkpoint_config=CheckpointConfig(num_to_keep=retention_slots(config),
                                            checkpoint_score_attribute=RETENTION_KEY, checkpoint_score_order="max"),
         callbacks=[RunHistory()],
+        worker_runtime_env=worker_runtime_env(config),
     )
     return TorchTrainer(train_fn, train_loop_config=train_loop_config or config.to_dict(),
                         scaling_config=scaling, run_config=run_config)
+
+
+def worker_runtime_env(config: TrainConfig) -> dict:
+    """What the workers need besides cape-ray: a model of your own (--model package.module:function)
+    travels as a Ray py_module, so that its module imports on every node (a cluster's too). Ray's
+    controller, which starts the workers, runs on the driver's node and packages it from there."""
+    source = module_source(config.model)
+    return {"py_modules": [str(source)]} if source is not None else {}
+
+
+def save_config(config: TrainConfig) -> None:
+    """The resolved config as `{run directory}/config.yaml`: `cape-ray train --config` of it
+    reproduces the run (a rerun that changed flags replaces it; state.json's config_changes keeps
+    what changed when)."""
+    fs, run_dir = storage.run_path(storage_uri(config), config.name)
+    fs.create_dir(run_dir, recursive=True)
+    with fs.open_output_stream(f"{run_dir}/{CONFIG_FILE}") as out:
+        out.write(config.to_yaml().encode())
+
+
+def storage_failure(error: BaseException) -> Optional[str]:
+    """The message of a checkpoint storage failure among a failed run's worker errors, if any."""
+    failures = getattr(error, "worker_failures", None) or {}
+    for failure in failures.values():
+        text = str(failure)
+        if "StorageError" in type(failure).__name__ or "StorageError" in text:
+            lines = [line for line in text.splitlines() if "StorageError" in line]
+            return (lines[-1].split("StorageError:", 1)[-1].strip() if lines else text.splitlines()[-1])
+    return None
 
 
 class RunStopped(RuntimeError):
@@ -67,7 +102,9 @@ def run(config: TrainConfig, *, init_ray: bool = True, train_fn: Callable[[dict]
         config = config.replace(progress="bar" if sys.stdout.isatty() else "lines")
     # One driver per run: a second one refuses here, before Ray starts (cape_ray/lease.py).
     with DriverLease(storage_uri(config), config.name):
-        reason = preflight.nothing_to_train(config, preflight.latest_state(config))
+        latest = preflight.latest_state(config)
+        preflight.check_continuation(config, latest)
+        reason = preflight.nothing_to_train(config, latest)
         if reason:
             print(reason, flush=True)
             return None
@@ -76,8 +113,16 @@ def run(config: TrainConfig, *, init_ray: bool = True, train_fn: Callable[[dict]
             # and otherwise starts a local instance on this machine. Ray's own output reaches
             # this driver only with --verbose; the project's lines come through the console relay.
             ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=config.verbose)
+        save_config(config)
         with DriverConsole(config.name) as console:
-            result = build_trainer(config, train_fn, train_loop_config).fit()
+            try:
+                result = build_trainer(config, train_fn, train_loop_config).fit()
+            except TrainingFailedError as exc:
+                message = storage_failure(exc)
+                if message is None:
+                    raise
+                raise RunStopped(f"{message} (still failing after {config.storage_retries} retries and "
+                                 f"{config.max_failures} restart(s))") from None
     print(summary(result), flush=True)
     if console.failure:
         raise RunStopped(console.failure)

@@ -21,9 +21,9 @@ log = logging.getLogger("cape_ray")
 
 
 def resolve(uri_or_path: str) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path) for a local path or a URI such as s3://bucket/prefix."""
+    """(filesystem, path) for a local path (`~` expanded) or a URI such as s3://bucket/prefix."""
     if "://" not in uri_or_path:
-        uri_or_path = os.path.abspath(uri_or_path)
+        uri_or_path = os.path.abspath(os.path.expanduser(uri_or_path))
     return pafs.FileSystem.from_uri(uri_or_path)
 
 
@@ -120,6 +120,20 @@ def copy_checkpoint(fs: pafs.FileSystem, source: str, destination: str) -> None:
         target = f"{destination}/{relative}"
         fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
         fs.copy_file(info.path, target)
+
+
+def copy_between(source_fs: pafs.FileSystem, source: str, destination_fs: pafs.FileSystem, destination: str) -> None:
+    """Copy a checkpoint directory from one filesystem to another (or within one), manifest last."""
+    if source_fs is destination_fs or (isinstance(source_fs, pafs.LocalFileSystem)
+                                       and isinstance(destination_fs, pafs.LocalFileSystem)):
+        return copy_checkpoint(source_fs, source, destination)
+    files = [i for i in source_fs.get_file_info(pafs.FileSelector(source, recursive=True)) if i.type == pafs.FileType.File]
+    files.sort(key=lambda i: i.base_name == MANIFEST)  # manifest last
+    for info in files:
+        target = f"{destination}/{info.path[len(source.rstrip('/')) + 1:]}"
+        destination_fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+        with source_fs.open_input_stream(info.path) as reader, destination_fs.open_output_stream(target) as writer:
+            shutil.copyfileobj(reader, writer, 1 << 22)
 
 
 def newest_valid_before(fs: pafs.FileSystem, run_dir: str, limit_name: Optional[str]) -> Optional[str]:

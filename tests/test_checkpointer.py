@@ -14,8 +14,8 @@ import pyarrow.fs as pafs
 import pytest
 import torch
 
-from cape_ray import checkpoint as ckpt, engine, rng
-from cape_ray.checkpointer import (Checkpointer, Export, plan_layout, resolve_resume, retention_score,
+from cape_ray import checkpoint as ckpt, engine, identity, rng
+from cape_ray.checkpointer import (Layout, Checkpointer, Export, plan_layout, resolve_resume, retention_score,
                                    retention_slots, sync_exports)
 from cape_ray.model import build_model
 from cape_ray.state import TrainState
@@ -26,7 +26,16 @@ E2_S1 = E2 + "_s000001"
 
 
 def checkpointer(run_dir: Path, config, *, latest=None, registered=(), rank=0, world_size=1, reports=None,
-                 others_failed=False):
+                 others_failed=False, chosen=None):
+    """A Checkpointer of one rank. `chosen` (a dict shared by the ranks of one test) plays the
+    broadcast: rank 0 puts its choice there, the other ranks take it."""
+    chosen = {} if chosen is None else chosen
+
+    def broadcast(value):
+        if rank == 0:
+            chosen["value"] = value
+        return chosen["value"]
+
     def report(metrics, stored, name):
         if reports is not None:
             reports.append((name, stored))
@@ -36,7 +45,8 @@ def checkpointer(run_dir: Path, config, *, latest=None, registered=(), rank=0, w
 
     return Checkpointer(config, fs=pafs.LocalFileSystem(), run_dir=str(run_dir),
                         latest=None if latest is None else str(run_dir / latest), registered=registered, rank=rank,
-                        world_size=world_size, report=report, gather=lambda blob: {0: blob}, all_reduce=all_reduce)
+                        world_size=world_size, report=report, gather=lambda blob: {0: blob}, all_reduce=all_reduce,
+                        broadcast=broadcast)
 
 
 def damage(path: Path) -> None:
@@ -98,14 +108,16 @@ def test_each_rank_restores_its_own_generators_and_running_loss(tmp_path):
         rng.seed_everything(100 + rank)
         states[rank] = {**rng.capture(), "loss_sum": 1.5 + rank, "loss_count": 3 + rank}
     write_checkpoint(tmp_path, E2_S1, config, ranks=2, rank_states=states)
+    chosen = {}
     for rank in range(2):
         rng.seed_everything(7)
-        node = checkpointer(tmp_path, config, latest=E2_S1, registered={E2_S1}, rank=rank, world_size=2)
+        node = checkpointer(tmp_path, config, latest=E2_S1 if rank == 0 else None, registered={E2_S1}, rank=rank,
+                            world_size=2, chosen=chosen)
         restored = node.restore()
-        model = build_model(restored.config)
-        optimizer = engine.build_optimizer(model, restored.config)
-        scheduler = engine.build_scheduler(optimizer, restored.config, 10)
-        resumed = node.load_into(restored, TrainState.fresh(restored.config, 2), model, optimizer, scheduler)
+        model = build_model(config)
+        optimizer = engine.build_optimizer(model, config)
+        scheduler = engine.build_scheduler(optimizer, config, 10)
+        resumed = node.load_into(restored, TrainState.fresh(config, 2), model, optimizer, scheduler)
         assert (resumed.loss_sum, resumed.loss_count) == (1.5 + rank, 3 + rank)
         assert torch.equal(torch.get_rng_state(), states[rank]["rng_state"])
         assert np.random.get_state()[1].tolist() == list(states[rank]["np_rng_state"][1])
@@ -115,11 +127,25 @@ def test_each_rank_restores_its_own_generators_and_running_loss(tmp_path):
 def test_another_world_size_keeps_the_batch_or_says_why_not(tmp_path):
     config = make_config(tmp_path, batch_size=2, accumulation_steps=2)
     saved = {"world_size": 2, "position": {"episodes_per_step": 8}}
-    assert plan_layout(config, 2, saved) == (config, None)
-    one, note = plan_layout(config, 1, saved)
-    assert one.accumulation_steps == 4 and "keeps 8 episodes per step" in note
-    three, note = plan_layout(config, 3, saved)  # 8 episodes cannot be split into 3 ranks x batch 2
-    assert three.accumulation_steps == 1 and "cannot be kept" in note and "now 6" in note
+    assert plan_layout(config, 2, saved) == Layout(2, 8, None)
+    one = plan_layout(config, 1, saved)
+    assert one.accumulation_steps == 4 and one.episodes_per_step == 8 and "keeps the run's 8 episodes per step" in one.note
+    three = plan_layout(config, 3, saved)  # 8 episodes cannot be split into 3 ranks x batch 2
+    assert three.accumulation_steps == 1 and "cannot be kept" in three.note and "now 6" in three.note
+
+
+def test_the_layout_in_force_survives_every_later_start(tmp_path):
+    """2 -> 1 worker keeps 8 episodes per step with accumulation 4; the checkpoints written at 1
+    worker say 8 episodes per step, so the next restart at 1 worker, and a rerun with the flags'
+    accumulation 2, still train 8 per step (they went back to 4 per step, silently, before)."""
+    config = make_config(tmp_path, batch_size=2, accumulation_steps=2)
+    after_resize = {"world_size": 1, "position": {"episodes_per_step": 8}}  # written after 2 -> 1
+    layout = plan_layout(config, 1, after_resize)
+    assert (layout.accumulation_steps, layout.episodes_per_step) == (4, 8)
+    assert "accumulation_steps 4 (the flag says 2) keeps the run's 8 episodes per step" in layout.note
+    # only a forced change of the batch flags makes them the layout again
+    forced = identity.Comparison(math=[identity.Difference("accumulation_steps", 4, 2)])
+    assert plan_layout(config, 1, after_resize, forced) == Layout(2, 4, None)
 
 
 def test_orphans_past_the_restore_point_are_removed_earlier_ones_reported(tmp_path):
