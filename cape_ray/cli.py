@@ -30,7 +30,7 @@ HELP = {
     "early_stopping_patience": "stop after this many epochs without val_pck improvement (0 = never)",
     "checkpoint_every_steps": "also checkpoint every N optimizer steps inside an epoch (0 = off)",
     "data_root": "train on MP-100-format files in this directory instead of the built-in data",
-    "mp100_split": "MP-100 split 1..5 (annotations/mp100_split{N}_{train,val,test}.json)",
+    "mp100_split": "MP-100 split 1..5 (annotations/mp100_split{N}_{train,val,test}.json); also --split_id",
     "cache_dir": "where each node keeps the prepared MP-100 splits its workers share (a local disk; '~' is "
                  "expanded on the node; '' = no cache, every worker prepares its own copy)",
     "num_workers": "Ray Train workers: N, or MIN:MAX for an elastic run",
@@ -44,6 +44,10 @@ HELP = {
     "deterministic": "deterministic CUDA kernels, so that GPU runs and resumes are bitwise reproducible (unset: on "
                      "with --use_gpu; CPU training is deterministic either way)",
 }
+
+
+# More names for a config flag: `train --split_id N` trains on MP-100 split N.
+FLAG_ALIASES = {"mp100_split": ("split_id",)}
 
 
 class OneLineErrors(argparse.ArgumentParser):
@@ -68,7 +72,7 @@ def _both(name: str) -> list[str]:
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(TrainConfig):
         kind = _field_type(f)
-        names = _both(f.name)
+        names = [name for flag in (f.name, *FLAG_ALIASES.get(f.name, ())) for name in _both(flag)]
         help_text = HELP.get(f.name, "") + f" (default: {f.default})"
         if kind is bool:
             parser.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction,
