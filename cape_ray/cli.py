@@ -30,7 +30,7 @@ HELP = {
     "early_stopping_patience": "stop after this many epochs without val_pck improvement (0 = never)",
     "checkpoint_every_steps": "also checkpoint every N optimizer steps inside an epoch (0 = off)",
     "data_root": "train on MP-100-format files in this directory instead of the built-in data",
-    "mp100_split": "MP-100 split 1..5 (annotations/mp100_split{N}_{train,val,test}.json)",
+    "mp100_split": "MP-100 split 1..5 (annotations/mp100_split{N}_{train,val,test}.json); also --split_id",
     "cache_dir": "where each node keeps the prepared MP-100 splits its workers share (a local disk; '~' is "
                  "expanded on the node; '' = no cache, every worker prepares its own copy)",
     "num_workers": "Ray Train workers: N, or MIN:MAX for an elastic run",
@@ -44,6 +44,10 @@ HELP = {
     "deterministic": "deterministic CUDA kernels, so that GPU runs and resumes are bitwise reproducible (unset: on "
                      "with --use_gpu; CPU training is deterministic either way)",
 }
+
+
+# More names for a config flag: `train --split_id N` trains on MP-100 split N.
+FLAG_ALIASES = {"mp100_split": ("split_id",)}
 
 
 class OneLineErrors(argparse.ArgumentParser):
@@ -82,7 +86,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
                              "here override it. A run directory's config.yaml reproduces that run.")
     for f in dataclasses.fields(TrainConfig):
         kind = _field_type(f)
-        names = _both(f.name)
+        names = [name for flag in (f.name, *FLAG_ALIASES.get(f.name, ())) for name in _both(flag)]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         help_text = HELP.get(f.name, "") + f" (default: {default})"
         if kind is bool:
@@ -239,6 +243,13 @@ def cmd_evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
 
     from cape_ray import evaluate
 
+    if args.protocol:
+        return cmd_evaluate_protocol(args, parser)
+    if args.checkpoint is None:
+        parser.error("give --checkpoint PATH (or --protocol mp100 --checkpoints S1=PATH ... for the MP-100 table)")
+    if args.checkpoints:
+        parser.error("--checkpoints (one per split) goes with --protocol mp100; for one checkpoint use --checkpoint")
+    args.split = args.split or "test"
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
@@ -252,6 +263,40 @@ def cmd_evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     print(evaluate.format_report(report))
     out = evaluate.write_report(report, args.out or evaluate.default_output(args.split))
     print(f"wrote {out}")
+    return 0
+
+
+def cmd_evaluate_protocol(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """`evaluate --protocol mp100`: every given split's checkpoint on its test split, 1- and 5-shot."""
+    import torch
+
+    from cape_ray import evaluate, protocol
+
+    for flag, value, why in (("--checkpoint", args.checkpoint, "give one checkpoint per split with --checkpoints"),
+                             ("--mp100_split", args.mp100_split, "the split comes from each SPLIT=CHECKPOINT"),
+                             ("--split", args.split not in (None, "test"), "the papers' table is on the test split")):
+        if value:
+            parser.error(f"{flag} does not go with --protocol mp100: {why}")
+    if not args.checkpoints:
+        parser.error("--protocol mp100 needs --checkpoints S1=PATH S2=PATH ... (one checkpoint per split)")
+    try:
+        checkpoints = protocol.parse_checkpoints(args.checkpoints)
+    except evaluate.EvaluationError as exc:
+        parser.error(str(exc))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        report = protocol.run(
+            checkpoints, args.data_root, shots=(args.num_shots,) if args.num_shots else protocol.SHOTS,
+            episodes=protocol.EPISODES if args.episodes is None else args.episodes, queries=args.queries,
+            seed=protocol.SEED if args.seed is None else args.seed, batch_size=args.batch_size, device=args.device,
+            feature_cache=not args.no_feature_cache, verbose=True)
+    except evaluate.EvaluationError as exc:
+        print(f"cape-ray evaluate: error: {exc}", file=sys.stderr)
+        return 1
+    print(protocol.format_text(report))
+    json_path, md_path = protocol.write(report, args.out or protocol.default_prefix())
+    print(f"wrote {json_path} and {md_path}")
     return 0
 
 
@@ -322,16 +367,27 @@ def build_parser() -> argparse.ArgumentParser:
     make_data.set_defaults(handler=cmd_make_data)
 
     evaluate = commands.add_parser(
-        "evaluate", help="PCK of a checkpoint on a split's unseen categories (MP-100 protocol); table + JSON")
-    evaluate.add_argument("--checkpoint", required=True, help="checkpoint directory (local path or URI)")
-    evaluate.add_argument("--split", default="test", choices=["test", "val", "train"])
+        "evaluate", help="PCK of a checkpoint on a split's unseen categories (MP-100 protocol); table + JSON; "
+                         "--protocol mp100: the papers' table over the five splits")
+    evaluate.add_argument("--checkpoint", default=None, help="checkpoint directory (local path or URI)")
+    evaluate.add_argument("--split", default=None, choices=["test", "val", "train"], help="(default: test)")
+    evaluate.add_argument("--protocol", default=None, choices=["mp100"],
+                          help="mp100: the MP-100 papers' table: PCK@0.2 per split, 1-shot and 5-shot, and their "
+                               "mean, beside the published numbers (with --checkpoints; --num_shots picks one setting; "
+                               "--episodes 200, --queries 15 and --seed 1 by default, as the papers' test code)")
+    evaluate.add_argument("--checkpoints", nargs="+", default=None, metavar="SPLIT=CHECKPOINT",
+                          help="with --protocol mp100: one checkpoint per MP-100 split, e.g. S1=runs/s1/checkpoint_... "
+                               "S2=...; each is evaluated on its own split's test categories")
     _add_data_flags(evaluate)
     evaluate.add_argument("--episodes", type=int, default=None,
                           help="fixed episodes per category (default: 200 for test, 100 for val, as MP-100)")
     evaluate.add_argument("--queries", type=int, default=15, help="queries per episode (MP-100: 15)")
     evaluate.add_argument(*_both("batch_size"), dest="batch_size", type=int, default=None,
                           help="episodes per forward (default: 4 on a CPU, 64 on a GPU); results do not depend on it")
-    evaluate.add_argument("--out", default=None, help="JSON report (default: ./evaluation_<split>.json)")
+    evaluate.add_argument("--out", default=None,
+                          help="JSON report (default: ./evaluation_<split>.json, which the next evaluation of that "
+                               "split overwrites); with --protocol mp100 a prefix: PREFIX.json and PREFIX.md "
+                               "(default: ./mp100_protocol)")
     evaluate.add_argument(*_both("with_loss"), dest="with_loss", action="store_true",
                           help="also report the validation loss")
     evaluate.add_argument(*_both("no_feature_cache"), dest="no_feature_cache", action="store_true",

@@ -215,7 +215,8 @@ def summarize(sums_by_category: dict[int, dict[str, float]], split: PreparedSpli
     for category_id, sums in sums_by_category.items():
         category = split.categories[category_id]
         rows.append({"id": int(category_id), "name": category.name, "keypoints": category.num_keypoints,
-                     "episodes": int(sums["episodes"]), **metrics_of(sums)})
+                     "instances": len(split.rows_by_category[category_id]), "episodes": int(sums["episodes"]),
+                     **metrics_of(sums)})
     total: dict[str, float] = {}
     for sums in sums_by_category.values():
         engine.add_sums(total, sums)
