@@ -521,17 +521,18 @@ def wanted_exports(trackers: Iterable[BestTracker]) -> list[Export]:
 def sync_exports(fs: pafs.FileSystem, run_dir: str, exports: Iterable[Export], verify_existing: bool = False,
                  refresh: bool = False, delete_others: bool = True) -> tuple[list[str], list[str]]:
     """Make each export exist (a copy of its checkpoint, manifest last), then (`delete_others`)
-    delete that metric's other exports. An export already there counts when it verifies
-    (`verify_existing`), or is copied again regardless (`refresh`: its checkpoint was just
-    written). Returns (exports written, problems). An export that cannot be made (its checkpoint
-    is gone) leaves the existing ones."""
+    delete that metric's other exports, only once the wanted one is complete. An export already
+    there counts when it has its manifest (and verifies, with `verify_existing`), or is copied
+    again regardless (`refresh`: its checkpoint was just written). Returns (exports written,
+    problems). An export that cannot be made (its checkpoint is gone) leaves the existing ones."""
     run_dir = run_dir.rstrip("/")
     existing = storage.list_dirs(fs, run_dir, "checkpoint_best_")
     written, problems = [], []
     for export in exports:
         target = f"{run_dir}/{export.name}"
-        present = export.name in existing and not refresh and not (verify_existing and storage.problems(fs, target))
-        if not present:
+        complete = (export.name in existing and not refresh and storage.exists(fs, f"{target}/{ckpt.MANIFEST}")
+                    and not (verify_existing and storage.problems(fs, target)))
+        if not complete:
             source = f"{run_dir}/{export.checkpoint}"
             # a checkpoint just stored (`refresh`) was verified as it was written: not read again
             if export.checkpoint is None or (not refresh and storage.problems(fs, source)):

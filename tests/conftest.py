@@ -7,6 +7,8 @@ import pytest
 # Fast failure detection and short report stalls in tests; must be set before Ray starts.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# Retries of a failed checkpoint store wait 2, 4, 8, ... s in a run; tests need the retries, not the waits.
+os.environ.setdefault("CAPE_STORAGE_RETRY_WAIT_S", "0.01")
 
 
 @pytest.fixture(scope="session")

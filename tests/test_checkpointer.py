@@ -14,7 +14,7 @@ import pyarrow.fs as pafs
 import pytest
 import torch
 
-from cape_ray import checkpoint as ckpt, engine, identity, rng
+from cape_ray import checkpoint as ckpt, engine, identity, rng, storage
 from cape_ray.checkpointer import (Layout, Checkpointer, Export, plan_layout, resolve_resume, retention_score,
                                    retention_slots, sync_exports)
 from cape_ray.model import build_model
@@ -159,7 +159,7 @@ def test_orphans_past_the_restore_point_are_removed_earlier_ones_reported(tmp_pa
     assert node.clean_orphans(None) == ([], [E2_S1])  # a fresh start deletes nothing
 
 
-def test_exports_are_completed_and_the_old_ones_deleted_only_afterwards(tmp_path):
+def test_old_exports_are_deleted_only_once_the_new_one_is_complete(tmp_path):
     config = make_config(tmp_path)
     write_checkpoint(tmp_path, E1, config)
     write_checkpoint(tmp_path, E2, config)
@@ -171,14 +171,27 @@ def test_exports_are_completed_and_the_old_ones_deleted_only_afterwards(tmp_path
     loss_export = "checkpoint_best_loss_e001_valloss0.9000_pck0.2000"
     shutil.copytree(tmp_path / E1, tmp_path / loss_export)
 
-    # without verifying, an export that is there counts as done (the callback's fast path) ...
-    assert sync_exports(pafs.LocalFileSystem(), str(tmp_path), [Export("val_pck", wanted, E2)]) == ([], [])
-    assert not (tmp_path / old).exists()
-    # ... at a start every export is verified, and a partial one is made again
+    # an export without its manifest is not complete: it is made again, and only then the old one goes
+    deleted = []
+    real_delete = storage.delete_dir
+
+    def delete(fs, path):
+        if path.endswith(old):  # the moment the old export goes, the new one is complete
+            assert ckpt.verify_checkpoint(tmp_path / wanted) == []
+        deleted.append(path.rsplit("/", 1)[-1])
+        real_delete(fs, path)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(storage, "delete_dir", delete)
+        written, problems = sync_exports(pafs.LocalFileSystem(), str(tmp_path), [Export("val_pck", wanted, E2)])
+    assert written == [wanted] and problems == [] and old in deleted and not (tmp_path / old).exists()
+    assert (tmp_path / loss_export).exists()  # another metric's export is left alone
+
+    # at a start every export is verified: a damaged one is made again
+    (tmp_path / wanted / "model.pt").write_bytes(b"damaged")
     written, problems = sync_exports(pafs.LocalFileSystem(), str(tmp_path), [Export("val_pck", wanted, E2)],
                                      verify_existing=True)
     assert written == [wanted] and problems == [] and ckpt.verify_checkpoint(tmp_path / wanted) == []
-    assert (tmp_path / loss_export).exists()  # another metric's export is left alone
 
     # an export whose checkpoint is gone cannot be made: the existing one stays, and it is said
     written, problems = sync_exports(pafs.LocalFileSystem(), str(tmp_path),
@@ -207,8 +220,8 @@ def test_save_reports_on_every_rank_but_writes_only_on_rank_zero(tmp_path):
     assert reports == [(E1, None)] and not (tmp_path / E1).exists()
 
 
-def saving(tmp_path, **options):
-    config = make_config(tmp_path)
+def saving(tmp_path, storage_retries: int = 5, **options):
+    config = make_config(tmp_path, storage_retries=storage_retries)
     model = build_model(config)
     optimizer = engine.build_optimizer(model, config)
     scheduler = engine.build_scheduler(optimizer, config, 10)
@@ -255,3 +268,56 @@ def test_every_rank_stops_when_rank_zero_cannot_store(tmp_path):
     with pytest.raises(ckpt.StorageError, match="rank 0 could not store checkpoint"):
         save()
     assert reports == []  # no rank enters Ray's report barrier alone
+
+
+def test_a_store_that_fails_for_a_while_is_retried_and_lands_whole(tmp_path, monkeypatch, caplog):
+    """A fault-injecting storage: the first two uploads fail (an S3 503, an NFS EIO), the third
+    works. The checkpoint lands, verifies and is reported once; the retries are said."""
+    upload, calls = storage.upload_checkpoint, []
+
+    def flaky(local_dir, fs, path):
+        calls.append(path)
+        if len(calls) <= 2:
+            upload(local_dir, fs, path)  # part of it may land before the error
+            raise OSError(5, "Input/output error" if len(calls) == 1 else "AWS Error SERVICE_UNAVAILABLE (503)")
+        upload(local_dir, fs, path)
+
+    monkeypatch.setattr(storage, "upload_checkpoint", flaky)
+    reports = []
+    _, save = saving(tmp_path, reports=reports)
+    save()
+    assert len(calls) == 3 and [name for name, _ in reports] == [E1]
+    assert ckpt.verify_checkpoint(tmp_path / "run" / E1) == []
+    assert "retrying in" in caplog.text and "stored on attempt 3" in caplog.text
+
+
+def test_a_store_that_keeps_failing_is_given_up_after_its_retries(tmp_path, monkeypatch):
+    calls = []
+
+    def broken(local_dir, fs, path):
+        calls.append(path)
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(storage, "upload_checkpoint", broken)
+    reports = []
+    _, save = saving(tmp_path, reports=reports, storage_retries=3)
+    with pytest.raises(ckpt.StorageError, match="Input/output error"):
+        save()
+    assert len(calls) == 4 and reports == []  # the first try and 3 retries; then Ray's restart budget decides
+
+
+def test_ranks_restore_what_rank_zero_chose_and_a_rank_that_cannot_read_it_fails_the_attempt(tmp_path, monkeypatch):
+    """Rank 0 chooses the latest; rank 1 reads the same one. A transient read error on rank 1 does
+    not make it fall back to an older checkpoint on its own (the ranks would diverge): it fails the
+    attempt, and Ray starts it again."""
+    config = make_config(tmp_path, num_workers="2")
+    write_checkpoint(tmp_path, E1, config, ranks=2)
+    write_checkpoint(tmp_path, E2, config, ranks=2)
+    chosen = {}
+    zero = checkpointer(tmp_path, config, latest=E2, registered={E1, E2}, rank=0, world_size=2, chosen=chosen)
+    assert zero.restore().name == E2
+    verify = ckpt.verify_checkpoint
+    monkeypatch.setattr(ckpt, "verify_checkpoint", lambda d: ["model.pt cannot be read: I/O error"] or verify(d))
+    one = checkpointer(tmp_path, config, latest=E2, registered={E1, E2}, rank=1, world_size=2, chosen=chosen)
+    with pytest.raises(ckpt.CheckpointError, match=f"rank 1: checkpoint {E2}, chosen by rank 0, does not verify here"):
+        one.restore()
