@@ -43,6 +43,7 @@ import torch
 
 from cape_ray import checkpoint as ckpt, rng, storage
 from cape_ray.config import TrainConfig
+from cape_ray.lease import Fence, Fenced
 from cape_ray.state import TrainState
 from cape_ray.tracking import BestTracker
 
@@ -155,13 +156,14 @@ def resolve_resume(uri: str) -> tuple[pafs.FileSystem, str]:
 class Checkpointer:
     def __init__(self, config: TrainConfig, *, fs: pafs.FileSystem, run_dir: str, latest: Optional[str],
                  registered: Iterable[str], rank: int, world_size: int, report: ReportFn, gather: GatherFn,
-                 all_reduce: AllReduceFn):
+                 all_reduce: AllReduceFn, fence: Optional[Fence] = None):
         self.config = config
         self.fs, self.run_dir = fs, run_dir.rstrip("/")
         self.latest = latest.rstrip("/") if latest else None
         self.registered = set(registered)
         self.rank, self.world_size = rank, world_size
         self._report, self._gather, self._all_reduce = report, gather, all_reduce
+        self.fence = fence  # the driver's lease claim: checked before every write (lease.py)
 
     # ------------------------------------------------------------------ restore
     def restore(self) -> Optional[Restored]:
@@ -230,6 +232,7 @@ class Checkpointer:
     # ------------------------------------------------------------------ tidy (rank 0, at start)
     def tidy(self, state: TrainState, restored: Optional[Restored]) -> TidyReport:
         """Remove orphans past the restore point; reconcile the best exports with `state.tracking`."""
+        self._stop_if_fenced(self.rank == 0 and self._fence_problem(), "nothing tidied")
         report = TidyReport()
         if self.rank != 0:
             return report
@@ -280,7 +283,7 @@ class Checkpointer:
         report.
         """
         blobs = self._gather(ckpt.serialize({**rng.capture(), **running}))
-        target, problem = f"{self.run_dir}/{name}", None
+        target, problem, fenced = f"{self.run_dir}/{name}", None, None
         if self.rank == 0:
             staging = tempfile.mkdtemp(prefix="cape_ray_ckpt_")
             try:
@@ -288,15 +291,27 @@ class Checkpointer:
                                       scheduler=scheduler.state_dict(), state=state.state_dict(metrics),
                                       rank_states=blobs)
                 exports = wanted_exports(t for t in state.tracking.best.values() if t.checkpoint == name)
-                problem = self._store(staging, target, exports)
+                fenced = self._fence_problem()  # right before the first write to storage
+                problem = None if fenced else self._store(staging, target, exports)
             except OSError as exc:  # the local staging directory (TMPDIR) is full or unwritable
                 problem = str(exc)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
+        self._stop_if_fenced(fenced, f"checkpoint {name} not stored")
         if self._all_reduce({"storage_failed": float(problem is not None)})["storage_failed"]:
             raise ckpt.StorageError(problem or f"rank 0 could not store checkpoint {name} (see its message)")
         self._report(metrics, target if self.rank == 0 else None, name)
         self.registered.add(name)
+
+    # ------------------------------------------------------------------ the lease's fence (lease.py)
+    def _fence_problem(self) -> Optional[str]:
+        return self.fence.problem(self.fs, self.run_dir) if self.fence is not None else None
+
+    def _stop_if_fenced(self, problem: Optional[str], what: str) -> None:
+        """Every rank raises Fenced when rank 0 found the driver's claim no longer live (a collective)."""
+        if self.fence is not None and self._all_reduce({"fenced": float(bool(problem))})["fenced"]:
+            raise Fenced(f"{what}: {problem or 'rank 0 found the driver lease no longer live'}; this run stops here "
+                         f"without writing (rerun the same command to resume if no other driver trains it)")
 
     def _store(self, staging: str, target: str, exports: list["Export"]) -> Optional[str]:
         """Upload `staging` to `target`, then copy it to the exports it earned; the reason it cannot

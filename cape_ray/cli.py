@@ -98,12 +98,15 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
 def cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     config = config_from_args(args, parser)
     from cape_ray import job  # Ray is imported only once the flags are known to be valid
-    from cape_ray.lease import LeaseError
+    from cape_ray.lease import EXIT_LEASE_LOST, LeaseError, LeaseLost
 
     try:
         job.run(config)
     except ConfigError as exc:  # found before Ray starts (preflight.py): one line, exit 2
         parser.error(str(exc))
+    except LeaseLost as exc:  # lost while training: another driver may own the run now
+        print(f"cape-ray train: error: {exc}", file=sys.stderr)
+        return EXIT_LEASE_LOST
     except LeaseError as exc:  # another driver trains this run: one line, no traceback
         print(f"cape-ray train: error: {exc}", file=sys.stderr)
         return 3

@@ -3,7 +3,8 @@
 Local runs start Ray themselves; with RAY_ADDRESS set (or inside `ray job submit`) they attach to
 that cluster. The run name is always set: rerunning the same command with the same --name and
 --storage_path resumes from Ray's snapshot in storage after a driver crash. Only one driver trains a
-run at a time (cape_ray/lease.py): a second one is refused while the first is alive.
+run at a time (cape_ray/lease.py): a second one is refused while the first is alive,
+and the workers and the history callback write nothing once the driver's claim is no longer live.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from cape_ray.checkpointer import RETENTION_KEY, retention_slots
 from cape_ray.config import TrainConfig
 from cape_ray.console import DriverConsole
 from cape_ray.history import RunHistory
-from cape_ray.lease import DriverLease
+from cape_ray.lease import FENCE_KEY, DriverLease, Fence
 from cape_ray.worker import train_loop_per_worker
 
 
@@ -31,8 +32,12 @@ def storage_uri(config: TrainConfig) -> str:
 
 
 def build_trainer(config: TrainConfig, train_fn: Callable[[dict], None] = train_loop_per_worker,
-                  train_loop_config: Optional[dict] = None) -> TorchTrainer:
-    """The Ray Train job for `config`; `train_fn` / `train_loop_config` let a caller wrap the loop."""
+                  train_loop_config: Optional[dict] = None, fence: Optional[Fence] = None) -> TorchTrainer:
+    """The Ray Train job for `config`; `train_fn` / `train_loop_config` let a caller wrap the loop.
+    `fence`: the driver's lease claim, checked by the workers and the history before they write."""
+    loop_config = dict(train_loop_config or config.to_dict())
+    if fence is not None:
+        loop_config[FENCE_KEY] = fence.to_dict()  # train_loop_per_worker takes it out again
     low, high = config.worker_range()
     resources = {"CPU": config.cpus_per_worker}
     if config.use_gpu:
@@ -46,10 +51,9 @@ def build_trainer(config: TrainConfig, train_fn: Callable[[dict], None] = train_
                                      max_preemption_failures=config.max_preemption_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=retention_slots(config),
                                            checkpoint_score_attribute=RETENTION_KEY, checkpoint_score_order="max"),
-        callbacks=[RunHistory()],
+        callbacks=[RunHistory(fence=fence)],
     )
-    return TorchTrainer(train_fn, train_loop_config=train_loop_config or config.to_dict(),
-                        scaling_config=scaling, run_config=run_config)
+    return TorchTrainer(train_fn, train_loop_config=loop_config, scaling_config=scaling, run_config=run_config)
 
 
 class RunStopped(RuntimeError):
@@ -66,7 +70,7 @@ def run(config: TrainConfig, *, init_ray: bool = True, train_fn: Callable[[dict]
         # Workers never see a terminal; the driver does, and draws their progress on it.
         config = config.replace(progress="bar" if sys.stdout.isatty() else "lines")
     # One driver per run: a second one refuses here, before Ray starts (cape_ray/lease.py).
-    with DriverLease(storage_uri(config), config.name):
+    with DriverLease(storage_uri(config), config.name) as lease:
         reason = preflight.nothing_to_train(config, preflight.latest_state(config))
         if reason:
             print(reason, flush=True)
@@ -77,7 +81,10 @@ def run(config: TrainConfig, *, init_ray: bool = True, train_fn: Callable[[dict]
             # this driver only with --verbose; the project's lines come through the console relay.
             ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=config.verbose)
         with DriverConsole(config.name) as console:
-            result = build_trainer(config, train_fn, train_loop_config).fit()
+            result = build_trainer(config, train_fn, train_loop_config, fence=lease.fence()).fit()
+        # A driver that was stopped while Ray trained (SIGSTOP, a paused VM) and lost its lease
+        # meanwhile says so here (LeaseLost), whatever fit() returned.
+        lease.renew()
     print(summary(result), flush=True)
     if console.failure:
         raise RunStopped(console.failure)
