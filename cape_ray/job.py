@@ -1,9 +1,10 @@
 """Build the Ray Train job from a TrainConfig and run it.
 
 Local runs start Ray themselves; with RAY_ADDRESS set (or inside `ray job submit`) they attach to
-that cluster. The run name is always set: rerunning the same command with the same --name and
---storage_path resumes from Ray's snapshot in storage after a driver crash. Only one driver trains a
-run at a time (cape_ray/lease.py): a second one is refused while the first is alive,
+that cluster (--address picks one explicitly; a cluster that does not answer is refused before Ray
+starts, cape_ray/ray_address.py). The run name is always set: rerunning the same command with the
+same --name and --storage_path resumes from Ray's snapshot in storage after a driver crash. Only one
+driver trains a run at a time (cape_ray/lease.py): a second one is refused while the first is alive,
 and the workers and the history callback write nothing once the driver's claim is no longer live.
 """
 
@@ -17,7 +18,7 @@ import ray
 from ray.train import CheckpointConfig, FailureConfig, Result, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from cape_ray import preflight
+from cape_ray import preflight, ray_address
 from cape_ray.checkpointer import RETENTION_KEY, retention_slots
 from cape_ray.config import TrainConfig
 from cape_ray.console import DriverConsole
@@ -76,10 +77,11 @@ def run(config: TrainConfig, *, init_ray: bool = True, train_fn: Callable[[dict]
             print(reason, flush=True)
             return None
         if init_ray and not ray.is_initialized():
-            # ray.init() attaches to RAY_ADDRESS when set (a cluster, or inside `ray job submit`),
-            # and otherwise starts a local instance on this machine. Ray's own output reaches
-            # this driver only with --verbose; the project's lines come through the console relay.
-            ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=config.verbose)
+            # --address, else RAY_ADDRESS (a cluster, or inside `ray job submit`), else the last
+            # `ray start` on this machine, else a private instance; one that does not answer is
+            # refused here (RayAddressError). Ray's own output reaches this driver only with
+            # --verbose; the project's lines come through the console relay.
+            ray.init(address=ray_address.choose(config.address), log_to_driver=config.verbose)
         with DriverConsole(config.name) as console:
             result = build_trainer(config, train_fn, train_loop_config, fence=lease.fence()).fit()
         # A driver that was stopped while Ray trained (SIGSTOP, a paused VM) and lost its lease
