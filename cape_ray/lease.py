@@ -299,7 +299,10 @@ class Fence:
         if (record.get("fence"), record.get("token")) != (self.number, self.token):
             return (f"the driver lease of this run (claim {self.number}) was taken over: it is now claim "
                     f"{record.get('fence')} by host {record.get('host')}, pid {record.get('pid')}")
-        age = now() - float(record.get("heartbeat", 0))
+        try:
+            age = now() - float(record.get("heartbeat", 0))
+        except (TypeError, ValueError):
+            age = float("inf")  # a record without a usable heartbeat proves nothing
         limit = WRITE_GUARD * _stored_seconds(record, "timeout_s", self.timeout_s)
         if age > limit:
             return (f"the driver lease (claim {self.number}) was last renewed {age:.0f} s ago, over the {limit:g} s "
