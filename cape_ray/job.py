@@ -86,7 +86,7 @@ def run(config: TrainConfig, *, init_ray: bool = True, train_fn: Callable[[dict]
             result = build_trainer(config, train_fn, train_loop_config, fence=lease.fence()).fit()
         # A driver that was stopped while Ray trained (SIGSTOP, a paused VM) and lost its lease
         # meanwhile says so here (LeaseLost), whatever fit() returned.
-        lease.renew()
+        lease.confirm()
     print(summary(result), flush=True)
     if console.failure:
         raise RunStopped(console.failure)

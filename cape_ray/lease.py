@@ -494,6 +494,16 @@ class DriverLease:
             raise self._overdue()
         self.record, self._beat_at = record, beat_at
 
+    def confirm(self) -> None:
+        """A last renewal once training is over: LeaseLost if the lease was lost meanwhile (a driver
+        that was stopped while Ray trained learns it here). A storage error within the deadline is
+        only warned about: until then no other driver can have taken the run over."""
+        try:
+            self.renew()
+        except OSError as exc:
+            log.warning("could not confirm the driver lease %s (%s); it was renewed %.0f s ago", self.where, exc,
+                        self.clock.monotonic() - self._beat_at)
+
     def _heartbeat_loop(self) -> None:
         while not self._stop.wait(self.interval_s):
             try:

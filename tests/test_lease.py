@@ -437,6 +437,36 @@ def test_a_renewal_blocked_in_storage_loses_the_lease_at_its_deadline(tmp_path):
     assert path.read_text() == before  # nor did the release: past its deadline the lease is left to expire
 
 
+def test_the_last_confirmation_after_training(tmp_path):
+    """job.run confirms the lease once fit() returns: a storage error within the deadline is only a
+    warning, a lease past its deadline or in another driver's hands is lost."""
+    fake = FakeClock()
+    holder = make(tmp_path, fake, other_machine("node-a"))
+    holder.acquire()
+    read = holder.read
+
+    def unreachable():
+        raise OSError("storage unreachable")
+
+    holder.read = unreachable
+    holder.confirm()  # 2 s after the claim: no other driver can have taken it
+    fake.advance(29)
+    with pytest.raises(LeaseLost, match="not renewed for 31 s"):
+        holder.confirm()
+    holder.read = read
+    with pytest.raises(LeaseLost, match="not renewed for 31 s"):
+        holder.confirm()  # readable again, but too late
+
+    fake = FakeClock(time.time())  # take_over's clock is the real one, 61 s on
+    holder = make(tmp_path, fake, other_machine("node-a"), name="other")
+    holder.acquire()
+    fake.advance(20)
+    holder.confirm()
+    take_over(tmp_path, "other")
+    with pytest.raises(LeaseLost, match="lost its lease; now: run 'other'"):
+        holder.confirm()
+
+
 # ----------------------------------------------------------------------------- the stored timeout
 
 
