@@ -26,7 +26,9 @@ Protocol
   a read or write that blocks (a hard NFS mount, a stalled connection) cannot hold the heartbeat: at
   the deadline the lease counts as lost. The deadline is also checked before the write and after it:
   a driver that was stopped (SIGSTOP, a paused VM) mid-renewal and wakes up late writes nothing, or
-  learns that its write came too late. A lost lease stops the driver at once (exit status 75).
+  learns that its write came too late. A lost lease stops the driver at once (exit status 75). (Only
+  a write already issued when the process stopped can land late; the new holder then finds a foreign
+  token at its read-back or next renewal and stops too: neither trains on, a rerun resumes.)
 - fence: the driver hands its claim (number, token, timeout: `Fence`) to everything that writes run
   state: the workers check it before storing a checkpoint and its exports and before tidying at a
   start, the controller's history callback before each line. While the driver is stopped its workers
@@ -35,7 +37,8 @@ Protocol
   heartbeat is younger than `WRITE_GUARD` (3/4) of the timeout; otherwise it raises Fenced and the
   run ends without writing. Writers therefore stop before a stalled driver's lease can be taken over
   (at the full timeout), and at the latest at their next write once it has been.
-- release: read; if it still carries our token, rewrite it as released.
+- release: read; if it still carries our token, rewrite it as released (only before the renewal
+  deadline: past it the lease may be another driver's, and is left to expire).
 
 Why two claimants cannot both proceed (S3 gives strong read-after-write consistency: a GET that
 starts after a PUT completed returns that PUT or a later one; a local or NFS rename is atomic).
