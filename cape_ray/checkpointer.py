@@ -47,6 +47,7 @@ import torch
 
 from cape_ray import checkpoint as ckpt, identity, rng, storage
 from cape_ray.config import TrainConfig
+from cape_ray.lease import Fence, Fenced
 from cape_ray.state import TrainState
 from cape_ray.tracking import BestTracker
 
@@ -187,7 +188,7 @@ class Checkpointer:
     def __init__(self, config: TrainConfig, *, fs: pafs.FileSystem, run_dir: str, latest: Optional[str],
                  registered: Iterable[str], rank: int, world_size: int, report: ReportFn, gather: GatherFn,
                  all_reduce: AllReduceFn, broadcast: Optional[BroadcastFn] = None,
-                 committed: Optional[CommittedFn] = None):
+                 committed: Optional[CommittedFn] = None, fence: Optional[Fence] = None):
         self.config = config
         self.fs, self.run_dir = fs, run_dir.rstrip("/")
         self.latest = latest.rstrip("/") if latest else None
@@ -199,6 +200,7 @@ class Checkpointer:
         # exports replaced by a new best: (export name, the checkpoint that replaced it); deleted
         # once Ray has committed that checkpoint
         self.stale_exports: list[tuple[str, str]] = []
+        self.fence = fence  # the driver's lease claim: checked before every write (lease.py)
 
     # ------------------------------------------------------------------ restore
     def restore(self) -> Optional[Restored]:
@@ -336,6 +338,7 @@ class Checkpointer:
     def tidy(self, state: TrainState, restored: Optional[Restored]) -> TidyReport:
         """Remove orphans past the restore point; reconcile the best exports with `state.tracking`
         (for --resume of another run: bring that run's exports of the restored bests here)."""
+        self._stop_if_fenced(self.rank == 0 and self._fence_problem(), "nothing tidied")
         report = TidyReport()
         if self.rank != 0:
             return report
@@ -415,23 +418,24 @@ class Checkpointer:
         Ray retries) instead of leaving the others waiting in the report.
         """
         blobs = self._gather(ckpt.serialize({**rng.capture(), **running}))
-        target, problem = f"{self.run_dir}/{name}", None
+        target, problem, fenced = f"{self.run_dir}/{name}", None, None
         if self.rank == 0:
-            self.delete_stale_exports(wait=False)
             staging = tempfile.mkdtemp(prefix="cape_ray_ckpt_")
             try:
                 ckpt.write_checkpoint(staging, model=model.state_dict(), optimizer=optimizer.state_dict(),
                                       scheduler=scheduler.state_dict(), state=state.state_dict(metrics),
                                       rank_states=blobs)
                 earned = [t for t in state.tracking.best.values() if t.checkpoint == name]
-                problem = self._store_with_retries(staging, target, wanted_exports(earned))
-                if problem is None:
+                problem, fenced = self._store_with_retries(staging, target, wanted_exports(earned))
+                if problem is None and not fenced:
+                    self.delete_stale_exports(wait=False)  # those whose replacement Ray committed since
                     self.stale_exports += [(old, name) for old in self._replaced_exports(earned)]
             except OSError as exc:  # the local staging directory (TMPDIR) is full or unwritable
                 problem = (f"cannot stage checkpoint {name} in {tempfile.gettempdir()}: {exc}. Free space there or "
                            f"set TMPDIR to a larger disk; then rerun the same command.")
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
+        self._stop_if_fenced(fenced, f"checkpoint {name} not stored")
         if self._all_reduce({"storage_failed": float(problem is not None)})["storage_failed"]:
             raise ckpt.StorageError(problem or f"rank 0 could not store checkpoint {name} (see its message)")
         self._report(metrics, target if self.rank == 0 else None, name)
@@ -440,7 +444,7 @@ class Checkpointer:
     def finish(self) -> None:
         """At the end of training: once Ray has committed the last report, delete the exports that
         the run's last bests replaced."""
-        if self.rank == 0:
+        if self.rank == 0 and not self._fence_problem():
             self.delete_stale_exports(wait=True)
 
     def delete_stale_exports(self, wait: bool) -> None:
@@ -463,21 +467,36 @@ class Checkpointer:
         return [old for tracker in earned for old in existing
                 if old != tracker.export and ckpt.is_export_of(old, tracker.metric)]
 
-    def _store_with_retries(self, staging: str, target: str, exports: list["Export"]) -> Optional[str]:
-        """`_store`, retried with doubling waits while it fails; the last failure's message, or None."""
+    def _store_with_retries(self, staging: str, target: str, exports: list["Export"]
+                            ) -> tuple[Optional[str], Optional[str]]:
+        """`_store`, retried with doubling waits while it fails, the lease's fence checked before
+        every attempt (a write of run state). -> (the last failure's message, the fence's problem)."""
         wait = float(os.environ.get(RETRY_WAIT_ENV, DEFAULT_RETRY_WAIT_S))
         for attempt in range(self.config.storage_retries + 1):
+            fenced = self._fence_problem()
+            if fenced:
+                return None, fenced
             problem = self._store(staging, target, exports)
             if problem is None:
                 if attempt:
                     log.warning("checkpoint %s stored on attempt %d", target.rsplit("/", 1)[-1], attempt + 1)
-                return None
+                return None, None
             if attempt < self.config.storage_retries:
                 log.warning("storing checkpoint failed (attempt %d of %d), retrying in %.0f s: %s", attempt + 1,
                             self.config.storage_retries + 1, wait, problem)
                 time.sleep(wait)
                 wait *= 2
-        return problem
+        return problem, None
+
+    # ------------------------------------------------------------------ the lease's fence (lease.py)
+    def _fence_problem(self) -> Optional[str]:
+        return self.fence.problem(self.fs, self.run_dir) if self.fence is not None else None
+
+    def _stop_if_fenced(self, problem: Optional[str], what: str) -> None:
+        """Every rank raises Fenced when rank 0 found the driver's claim no longer live (a collective)."""
+        if self.fence is not None and self._all_reduce({"fenced": float(bool(problem))})["fenced"]:
+            raise Fenced(f"{what}: {problem or 'rank 0 found the driver lease no longer live'}; this run stops here "
+                         f"without writing (rerun the same command to resume if no other driver trains it)")
 
     def _store(self, staging: str, target: str, exports: list["Export"]) -> Optional[str]:
         """Upload `staging` to `target`, then copy it to the exports it earned; the reason it cannot

@@ -41,6 +41,8 @@ HELP = {
     "pck_smoothing": "best-PCK selection and early stopping use the mean of the last N val_pck (1 = off)",
     "best_metrics": "one best export per METRIC:min|max, e.g. val_pck:max,val_loss:min,mpck:max",
     "verbose": "also print Ray's own output (per-report lines, worker set-up)",
+    "address": "Ray cluster: local (a private instance), auto or HOST:PORT (attach); unset: RAY_ADDRESS, else "
+               "the last `ray start` on this machine, else a private instance. One that does not answer is refused",
     "deterministic": "deterministic CUDA kernels, so that GPU runs and resumes are bitwise reproducible (unset: on "
                      "with --use_gpu; CPU training is deterministic either way)",
 }
@@ -124,12 +126,19 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
 def cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     config = config_from_args(args, parser)
     from cape_ray import job  # Ray is imported only once the flags are known to be valid
-    from cape_ray.lease import LeaseError
+    from cape_ray.lease import EXIT_LEASE_LOST, LeaseError, LeaseLost
+    from cape_ray.ray_address import RayAddressError
 
     try:
         job.run(config)
     except ConfigError as exc:  # found before Ray starts (preflight.py): one line, exit 2
         parser.error(str(exc))
+    except RayAddressError as exc:  # the cluster to join does not answer: found before Ray starts
+        print(f"cape-ray train: error: {exc}", file=sys.stderr)
+        return 2
+    except LeaseLost as exc:  # lost while training: another driver may own the run now
+        print(f"cape-ray train: error: {exc}", file=sys.stderr)
+        return EXIT_LEASE_LOST
     except LeaseError as exc:  # another driver trains this run: one line, no traceback
         print(f"cape-ray train: error: {exc}", file=sys.stderr)
         return 3
@@ -334,7 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrors(prog="cape-ray", description="Category-agnostic pose estimation on Ray Train")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineErrors)
 
-    train = commands.add_parser("train", help="train (a Ray Train job; local Ray unless RAY_ADDRESS is set)")
+    train = commands.add_parser("train", help="train (a Ray Train job; a private Ray instance unless RAY_ADDRESS, "
+                                              "--address or a `ray start` on this machine says otherwise)")
     add_config_flags(train)
     train.set_defaults(handler=cmd_train)
 

@@ -34,6 +34,7 @@ an object store file is read and rewritten (fine for a file of one line per repo
 files are written locally and copied to an object store after every report. A resumed attempt's
 event file starts with a purge at its first step, which hides the previous attempt's events from
 that step on (they are redone). Recording never raises into the controller: a failure is logged.
+Nothing is written once the driver's lease claim is no longer live (its `Fence`, cape_ray/lease.py).
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from ray.train import Checkpoint, UserCallback
 
 from cape_ray import storage
 from cape_ray.console import find_relay
+from cape_ray.lease import Fence
 
 log = logging.getLogger("cape_ray")
 
@@ -209,8 +211,9 @@ def tensorboard_scalars(report: dict[str, Any]) -> dict[str, float]:
 class RunHistory(UserCallback):
     """Appends every report (and every failure / restart) to metrics.jsonl; writes TensorBoard."""
 
-    def __init__(self, tensorboard: bool = True):
+    def __init__(self, tensorboard: bool = True, fence: Optional[Fence] = None):
         self.tensorboard = tensorboard
+        self.fence = fence  # the driver's lease claim: nothing is written once it is not live (lease.py)
         self._started = False
         self._fs: Optional[pafs.FileSystem] = None
         self._run_dir = ""
@@ -263,16 +266,27 @@ class RunHistory(UserCallback):
 
     # ------------------------------------------------------------------ UserCallback hooks
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Optional[Checkpoint]) -> None:
+        if self._fenced(run_context):
+            return
         try:
             self._record_report(run_context, metrics, checkpoint)
         except Exception:  # noqa: BLE001 - the history must never stop training
             log.exception("run history: could not record a report in %s", self.metrics_path or "the run directory")
 
     def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
+        if self._fenced(run_context):
+            return
         try:
             self._record_failure(run_context, worker_exceptions)
         except Exception:  # noqa: BLE001
             log.exception("run history: could not record a worker failure")
+
+    def _fenced(self, run_context: Any) -> bool:
+        """Whether the driver's claim is no longer live: another driver may own the run (lease.py)."""
+        problem = self.fence.problem(*run_dir_of(run_context)) if self.fence is not None else None
+        if problem:
+            log.warning("run history: nothing written: %s", problem)
+        return bool(problem)
 
     # ------------------------------------------------------------------ recording
     def _record_failure(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:

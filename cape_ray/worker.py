@@ -27,6 +27,7 @@ from cape_ray.config import TrainConfig
 from cape_ray.console import Console, RelayLogHandler, find_relay
 from cape_ray.data.episodes import EpisodeSampler, TrainingBatches, shard
 from cape_ray.data.loading import load_split
+from cape_ray.lease import FENCE_KEY, Fence, Fenced
 from cape_ray.model import build_model, describe, model_spec
 from cape_ray.model.weights import load_pretrained
 from cape_ray.state import TrainState
@@ -36,16 +37,22 @@ log = logging.getLogger("cape_ray")
 
 def train_loop_per_worker(config_dict: dict[str, Any], edge: Optional["RayEdge"] = None) -> None:
     """Ray Train's entry point. A storage failure that outlasts its retries is raised like any
-    worker failure: Ray's restart budget retries it (checkpointer.py)."""
+    worker failure: Ray's restart budget retries it (checkpointer.py). A run whose driver no longer
+    holds its lease (Fenced, cape_ray/lease.py) ends without writing and without a restart."""
+    config_dict = dict(config_dict)
+    fence = Fence.from_dict(config_dict.pop(FENCE_KEY, None))  # the driver's lease claim (job.py)
     config = TrainConfig.from_dict(config_dict)
     edge = edge or RayEdge()
     deterministic = determinism.resolve(config.deterministic, edge.device)
-    # Before the loop's first CUDA work: cuBLAS and cuDNN read these settings when they first run.
-    with determinism.algorithms(deterministic):
-        train(config, edge, deterministic)
+    try:
+        # Before the loop's first CUDA work: cuBLAS and cuDNN read these settings when they first run.
+        with determinism.algorithms(deterministic):
+            train(config, edge, deterministic, fence)
+    except Fenced as failure:
+        edge.stop(failure)
 
 
-def train(config: TrainConfig, edge: "RayEdge", deterministic: bool) -> None:
+def train(config: TrainConfig, edge: "RayEdge", deterministic: bool, fence: Optional[Fence] = None) -> None:
     rank, world_size, device = edge.rank, edge.world_size, edge.device
     torch.set_num_threads(config.num_threads)  # the thread count changes float rounding: fix it
 
@@ -61,7 +68,7 @@ def train(config: TrainConfig, edge: "RayEdge", deterministic: bool) -> None:
     checkpointer = Checkpointer(config, fs=edge.fs, run_dir=edge.run_dir, latest=edge.latest,
                                 registered=edge.registered, rank=rank, world_size=world_size,
                                 report=edge.report, gather=edge.gather, all_reduce=edge.all_reduce,
-                                broadcast=edge.broadcast, committed=edge.committed)
+                                broadcast=edge.broadcast, committed=edge.committed, fence=fence)
 
     # ---- restore: Ray's latest (a restart or a rerun) or --resume; model, optimizer, state, RNG last
     restored = checkpointer.restore()
