@@ -43,6 +43,7 @@ def assert_durable(events, checkpoint) -> None:
     checkpoint = os.path.realpath(checkpoint)
     files = sorted(os.path.join(root, f) for root, _, names in os.walk(checkpoint) for f in names
                    if f != ckpt.MANIFEST)
+    assert len(files) == 6  # model, optimizer, scheduler, state.json and two rank files
     synced = [e[1] for e in events if e[0] == "fsync"]
 
     def first(path):
@@ -53,7 +54,7 @@ def assert_durable(events, checkpoint) -> None:
     manifest_at = first(manifest_tmp)
     for file in files:
         assert first(file) < manifest_at, f"{file} fsynced after the manifest"
-    for kind, path, manifest_existed in (e for e in events if e[0] == "fsync"):
+    for _, path, manifest_existed in (e for e in events if e[0] == "fsync"):
         if path in files:
             assert not manifest_existed, f"a manifest existed when {path} was fsynced"
     rng_dir = os.path.join(checkpoint, "rng")

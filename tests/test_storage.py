@@ -8,7 +8,7 @@ import json
 import pyarrow.fs as pafs
 import pytest
 
-from cape_ray import checkpoint as ckpt, storage
+from cape_ray import storage
 from tiny import make_config, write_checkpoint
 
 NAME = "checkpoint_e001_lr3e-3_bs2_acc2_qpe2"
