@@ -446,18 +446,6 @@ def load_checkpoint(directory: str | os.PathLike, map_location: str | torch.devi
                             load(directory / "scheduler.pt"), state, rng)
 
 
-def check_compatible(state: dict, config: TrainConfig, path: str) -> None:
-    """A clear error instead of a shape-mismatch traceback when the model would not fit: the
-    checkpoint's model spec (builder and arguments) against `config`'s (identity.py)."""
-    from cape_ray.identity import compare
-
-    diffs = [d for d in compare(state["config"], state.get("model"), config).math if d.field.startswith("model")]
-    if diffs:
-        raise CheckpointError(
-            f"checkpoint {path} was written with another model ({'; '.join(d.line() for d in diffs)}). "
-            f"Resume with the same model flags, or start a new run with another --name.")
-
-
 def check_model_shapes(saved: dict, expected: dict, path: str) -> None:
     """Every tensor of the checkpoint fits the model as built now, or a clear error listing why."""
     missing = sorted(set(expected) - set(saved))

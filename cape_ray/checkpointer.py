@@ -265,7 +265,7 @@ class Checkpointer:
         return local
 
     def _loaded(self, local: str, choice: dict) -> Restored:
-        loaded = ckpt.load_checkpoint(local)
+        loaded = ckpt.load_checkpoint(local, verified=True)  # this rank verified this copy just now
         comparison = identity.compare(loaded.state["config"], loaded.state.get("model"), self.config)
         if comparison.changes_math and not self.config.force:
             raise ckpt.CheckpointError(comparison.refusal("these flags", choice["name"]))
@@ -422,9 +422,10 @@ class Checkpointer:
         if self.rank == 0:
             staging = tempfile.mkdtemp(prefix="cape_ray_ckpt_")
             try:
+                # staging is not kept: the upload makes the stored copy durable (fsync), not this one
                 ckpt.write_checkpoint(staging, model=model.state_dict(), optimizer=optimizer.state_dict(),
                                       scheduler=scheduler.state_dict(), state=state.state_dict(metrics),
-                                      rank_states=blobs)
+                                      rank_states=blobs, durable=False)
                 earned = [t for t in state.tracking.best.values() if t.checkpoint == name]
                 problem, fenced = self._store_with_retries(staging, target, wanted_exports(earned))
                 if problem is None and not fenced:
@@ -541,7 +542,8 @@ def sync_exports(fs: pafs.FileSystem, run_dir: str, exports: Iterable[Export], v
                  refresh: bool = False, delete_others: bool = True) -> tuple[list[str], list[str]]:
     """Make each export exist (a copy of its checkpoint, manifest last), then (`delete_others`)
     delete that metric's other exports, only once the wanted one is complete. An export already
-    there counts when it has its manifest (and verifies, with `verify_existing`), or is copied
+    there counts when it has its manifest (and, with `verify_existing`, every file it lists at its
+    size: the check at every start, which reads only manifest.json, not the export), or is copied
     again regardless (`refresh`: its checkpoint was just written). Returns (exports written,
     problems). An export that cannot be made (its checkpoint is gone) leaves the existing ones."""
     run_dir = run_dir.rstrip("/")
@@ -550,7 +552,7 @@ def sync_exports(fs: pafs.FileSystem, run_dir: str, exports: Iterable[Export], v
     for export in exports:
         target = f"{run_dir}/{export.name}"
         complete = (export.name in existing and not refresh and storage.exists(fs, f"{target}/{ckpt.MANIFEST}")
-                    and not (verify_existing and storage.problems(fs, target)))
+                    and not (verify_existing and storage.size_problems(fs, target)))
         if not complete:
             source = f"{run_dir}/{export.checkpoint}"
             # a checkpoint just stored (`refresh`) was verified as it was written: not read again

@@ -161,7 +161,7 @@ def cmd_inspect(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
             state = ckpt.read_state(local)
         except (OSError, ValueError) as exc:
             state, problems = {}, problems + [f"state.json unreadable: {exc}"]
-        fields = describe(original_checkpoint(ckpt.load_checkpoint(local))) if not problems else []
+        fields = describe(original_checkpoint(ckpt.load_checkpoint(local, verified=True))) if not problems else []
     position = state.get("position", {})
     report = {
         "checkpoint": args.checkpoint,

@@ -152,7 +152,7 @@ def setup(checkpoint: str, split: str = "test", *, data_root: Optional[str] = No
         raise EvaluationError("--device cuda: no CUDA device is available here; use --device cpu")
     with tempfile.TemporaryDirectory(prefix="cape_ray_eval_") as scratch:
         local = fetch_checkpoint(checkpoint, scratch)
-        loaded = ckpt.load_checkpoint(local, map_location="cpu")
+        loaded = ckpt.load_checkpoint(local, map_location="cpu", verified=True)  # fetch_checkpoint verified it
     config = evaluation_config(loaded.state["config"], data_root=data_root, mp100_split=mp100_split,
                                num_shots=num_shots)
     model = model_from_record(loaded.state, checkpoint)
