@@ -16,11 +16,10 @@ import ray
 from ray.train import CheckpointConfig, FailureConfig, Result, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from cape_ray import preflight
+from cape_ray import history, preflight
 from cape_ray.checkpointer import RETENTION_KEY, retention_slots
 from cape_ray.config import TrainConfig
 from cape_ray.console import DriverConsole
-from cape_ray.history import RunHistory
 from cape_ray.lease import DriverLease
 from cape_ray.worker import train_loop_per_worker
 
@@ -46,7 +45,7 @@ def build_trainer(config: TrainConfig, train_fn: Callable[[dict], None] = train_
                                      max_preemption_failures=config.max_preemption_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=retention_slots(config),
                                            checkpoint_score_attribute=RETENTION_KEY, checkpoint_score_order="max"),
-        callbacks=[RunHistory()],
+        callbacks=[history.RunHistory.for_config(config)],
     )
     return TorchTrainer(train_fn, train_loop_config=train_loop_config or config.to_dict(),
                         scaling_config=scaling, run_config=run_config)
@@ -76,8 +75,15 @@ def run(config: TrainConfig, *, init_ray: bool = True, train_fn: Callable[[dict]
             # and otherwise starts a local instance on this machine. Ray's own output reaches
             # this driver only with --verbose; the project's lines come through the console relay.
             ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=config.verbose)
+        history.record_start(config)
         with DriverConsole(config.name) as console:
-            result = build_trainer(config, train_fn, train_loop_config).fit()
+            try:
+                result = build_trainer(config, train_fn, train_loop_config).fit()
+            except BaseException as exc:  # recorded as the run's end (failed / interrupted), then raised
+                history.finish_run(config, exc)
+                raise
+        # The "end" line (what `cape-ray runs` reads) and the trackers' artifacts and status.
+        history.finish_run(config, console.failure)
     print(summary(result), flush=True)
     if console.failure:
         raise RunStopped(console.failure)
