@@ -712,8 +712,13 @@ def best_exports(config, run: RunInfo) -> dict:
     from cape_ray import preflight
 
     state = preflight.latest_state(config) or {}
+    from cape_ray.tracking import parse_best_metrics
+
+    bests = (state.get("tracking") or {}).get("best", {})
+    order = [m for m, _ in parse_best_metrics(config.best_metrics) if m in bests]  # state.json sorts its keys
     exports = []
-    for metric, tracker in (state.get("tracking") or {}).get("best", {}).items():
+    for metric in order + sorted(set(bests) - set(order)):
+        tracker = bests[metric]
         if not tracker.get("export"):
             continue
         entry = {"metric": metric, "mode": tracker.get("mode"), "best": tracker.get("best"),
