@@ -228,6 +228,8 @@ class HistoryWriter:
 class RunHistory(UserCallback):
     """Writes every report (and every failure / restart) to the history; feeds the trackers."""
 
+    writer_class = HistoryWriter
+
     def __init__(self, trackers: Optional[list] = None, tensorboard: bool = True):
         if trackers is None:
             trackers = [tracking.TensorBoardTracker()] if tensorboard else []
@@ -258,7 +260,7 @@ class RunHistory(UserCallback):
         if self._started:
             return
         self._fs, self._run_dir = run_dir_of(run_context)
-        self._writer = HistoryWriter(self._fs, self._run_dir)
+        self._writer = self.writer_class(self._fs, self._run_dir)
         self._run = tracking.RunInfo(self._fs, self._run_dir, run_context.run_config.name)
         records = read_records(self._fs, self._run_dir)  # once per controller: a rerun continues them
         previous = [r for r in records if r.get("event") in ("report", "failure", "restart")]
