@@ -20,7 +20,8 @@ and the tracker, a server that was down) is sent from the history when it answer
 next start and at the end of the run.
 
 A tracker that fails (a server down or unreachable, a missing package) costs one warning line and
-is retried every RETRY_S seconds; the run and its metrics.jsonl go on.
+is tried again after RETRY_S seconds, then after twice as long each time (up to RETRY_MAX_S); the
+run and its metrics.jsonl go on.
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ IDS_FILE = "tracking.json"  # the tracking runs' ids, kept with the run
 MLFLOW_DIR = "mlruns"  # the default MLflow file store, inside a local run directory
 EXPERIMENT = "cape-ray"  # MLflow experiment and W&B project unless MLFLOW_EXPERIMENT_NAME / WANDB_PROJECT say
 ROLL_REPORTS = 32  # object stores: a new TensorBoard event file every N reports bounds each upload
-RETRY_S = 60.0  # a failed tracker is tried again after this long
+RETRY_S = 60.0  # a failed tracker is tried again after this long, doubling per failed try ...
+RETRY_MAX_S = 900.0  # ... up to this: a try at an unreachable host holds the controller for a timeout
 MAX_PENDING = 100_000  # reports kept for a tracker that is down (older ones come from the history later)
 CARRIED_ENV = ("MLFLOW_", "WANDB_")  # the driver's settings, carried to the controller process
 # A tracking server that is down must cost seconds, not MLflow's minutes of retries (users' values win).
@@ -638,15 +640,17 @@ class WandbTracker(Tracker):
 @dataclass
 class _Guard:
     """One tracker with its failures contained: the first costs a warning line, then it is tried
-    again after RETRY_S; what it missed meanwhile is kept (trackers that catch up) and sent then."""
+    again after RETRY_S, doubling up to RETRY_MAX_S; what it missed meanwhile is kept (trackers that
+    catch up) and sent then."""
 
     tracker: Tracker
     opened: bool = False
     off: bool = False
     down: bool = False
     retry_at: float = 0.0
+    delay: float = RETRY_S
     pending: list = field(default_factory=list)
-    later: str = f"retrying every {RETRY_S:.0f} s and at the end of the run"
+    later: str = f"trying again in {RETRY_S:.0f} s (then less often) and at the end of the run"
 
     def send(self, run: RunInfo, points: list[Point]) -> None:
         if self.off:
@@ -662,7 +666,7 @@ class _Guard:
                 self.tracker.open(run)
                 self.opened = True
             self.tracker.log(points)
-            self.pending = []
+            self.pending, self.delay = [], RETRY_S
             if self.down:
                 self.down = False
                 say(run.name, f"{self.tracker.name}: tracking works again")
@@ -674,7 +678,8 @@ class _Guard:
                 first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
                 say(run.name, f"{self.tracker.name}: tracking failed ({type(exc).__name__}: {first}); the run goes on "
                               f"and metrics.jsonl keeps every report; {self.later}")
-            self.down, self.opened, self.retry_at = True, False, time.monotonic() + RETRY_S
+            self.down, self.opened, self.retry_at = True, False, time.monotonic() + self.delay
+            self.delay = min(RETRY_MAX_S, 2 * self.delay)
             with contextlib.suppress(Exception):
                 self.tracker.close()
 

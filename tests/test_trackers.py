@@ -182,6 +182,39 @@ def test_a_down_tracking_server_costs_a_warning_line_and_the_run_finishes(tmp_pa
     assert not (tmp_path / "down" / trackers.IDS_FILE).exists()
 
 
+def test_a_tracker_that_comes_back_gets_every_report_it_missed(monkeypatch, caplog):
+    clock = [0.0]
+    monkeypatch.setattr(trackers.time, "monotonic", lambda: clock[0])
+
+    class Flaky(trackers.Tracker):
+        name = "flaky"
+
+        def __init__(self):
+            self.up, self.tries, self.logged = False, 0, []
+
+        def open(self, run):
+            self.tries += 1
+            if not self.up:
+                raise ConnectionError("connection refused")
+
+        def log(self, points):
+            self.logged += [p.step for p in points]
+
+    flaky = Flaky()
+    guard = trackers._Guard(flaky)
+    run = trackers.RunInfo(None, "/nowhere", "flaky-run")
+    with caplog.at_level(logging.WARNING, logger="cape_ray"):
+        for now, step in ((0, 1), (30, 2), (61, 3), (120, 4)):  # tries at 0 and 61, then not before 181
+            clock[0] = now
+            guard.send(run, [trackers.Point(step, now, {"train/lr": 1.0})])
+        assert flaky.tries == 2 and flaky.logged == []
+        flaky.up, clock[0] = True, 182
+        guard.send(run, [trackers.Point(5, 182, {"train/lr": 1.0}), trackers.Point(4, 182, {"train/lr": 2.0})])
+    assert flaky.tries == 3 and flaky.logged == [1, 2, 3, 4, 5]  # once each, in step order
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2 and "tracking failed (ConnectionError" in lines[0] and "works again" in lines[1]
+
+
 def test_mlflow_store_defaults(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
