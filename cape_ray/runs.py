@@ -137,7 +137,7 @@ def list_runs(storage_path: str) -> list[dict[str, Any]]:
     base = base.rstrip("/")
     info = fs.get_file_info(base)
     if info.type == pafs.FileType.NotFound:
-        raise FileNotFoundError(f"{storage_path} does not exist")
+        raise FileNotFoundError(f"{storage_path}: no such directory (give the --storage_path of your runs)")
     if info.type != pafs.FileType.Directory:
         raise NotADirectoryError(f"{storage_path} is not a directory: give the --storage_path of your runs")
     runs = []
