@@ -346,7 +346,7 @@ def build(config) -> list["Tracker"]:
                 continue
             directory = os.environ.get("WANDB_DIR") or (run_dir if local else os.getcwd())
             trackers.append(WandbTracker(wandb_mode(), directory, os.environ.get("WANDB_PROJECT") or EXPERIMENT,
-                                         run_params(config), run_tags(config), _carried_env()))
+                                         config.to_dict(), run_tags(config), _carried_env()))
     return trackers
 
 
@@ -427,7 +427,8 @@ class TensorBoardTracker(Tracker):
     def _upload(self) -> None:
         if self._staging is None:
             return
-        self._fs.create_dir(self._remote, recursive=True)
+        if self._count <= 1:  # a new file: make sure its directory exists (once per file, not per report)
+            self._fs.create_dir(self._remote, recursive=True)
         for name in os.listdir(self._staging):  # one file: this writer's
             with open(os.path.join(self._staging, name), "rb") as local, \
                     self._fs.open_output_stream(f"{self._remote}/{name}") as remote:
@@ -585,10 +586,10 @@ class WandbTracker(Tracker):
     name = "wandb"
     _live = ("_run",)
 
-    def __init__(self, mode: Optional[str], directory: str, project: str, params: dict[str, str],
+    def __init__(self, mode: Optional[str], directory: str, project: str, config: dict[str, Any],
                  tags: dict[str, str], env: Optional[dict[str, str]] = None) -> None:
         self.mode, self.directory, self.project = mode, directory, project
-        self.params, self.tags, self.env = params, tags, dict(env or {})
+        self.config, self.tags, self.env = config, tags, dict(env or {})
         self._run = None
         self.logged_through = -1
 
@@ -604,7 +605,7 @@ class WandbTracker(Tracker):
         options = {"mode": self.mode} if self.mode else {}
         with _quiet():
             self._run = wandb.init(project=entry.get("project") or self.project, name=run.name, id=run_id,
-                                   resume="allow", dir=self.directory, config=self.params,
+                                   resume="allow", dir=self.directory, config=self.config,
                                    tags=[f"device:{self.tags.get('device')}"], **options)
             self._run.config.update({"versions": self.tags, "run_dir": run.display}, allow_val_change=True)
         write_ids(run, "wandb", {"id": run_id, "project": entry.get("project") or self.project})

@@ -280,7 +280,7 @@ def test_wandb_is_offline_unless_configured_and_keeps_one_run_id(tmp_path, monke
     send(history.RunHistory.for_config(config), context, 1, 2, 3)
     assert runs[0].options == {**runs[0].options, "id": "run0id", "resume": "allow", "mode": "offline",
                                "dir": str(tmp_path / "wb"), "project": "cape-ray", "name": "wb"}
-    assert runs[0].options["config"]["epochs"] == str(config.epochs)
+    assert runs[0].options["config"]["epochs"] == config.epochs
     assert [step for step, _ in runs[0].logged] == [1, 2, 3]
 
     resumed_step["value"] = 4  # the rerun finds W&B holding steps up to 3
