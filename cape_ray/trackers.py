@@ -357,6 +357,7 @@ class Tracker:
 
     name = ""
     catches_up = True  # back-fills what it missed from the history (TensorBoard's files are their own)
+    where = ""  # where it logs, for messages
 
     def open(self, run: RunInfo) -> None:
         raise NotImplementedError
@@ -483,6 +484,7 @@ class MlflowTracker(Tracker):
     def __init__(self, tracking_uri: str, params: dict[str, str], tags: dict[str, str],
                  env: Optional[dict[str, str]] = None, experiment: Optional[str] = None) -> None:
         self.tracking_uri, self.params, self.tags = tracking_uri, params, tags
+        self.where = tracking_uri
         self.env = dict(env or {})
         self.experiment = experiment or self.env.get("MLFLOW_EXPERIMENT_NAME") or EXPERIMENT
         self._client = None
@@ -676,9 +678,11 @@ class _Guard:
             say_once(run.name, f"{exc}; not tracking with {self.tracker.name}, metrics.jsonl has everything")
         except Exception as exc:  # noqa: BLE001 - a tracker never fails the run
             if not self.down:
-                first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
-                say(run.name, f"{self.tracker.name}: tracking failed ({type(exc).__name__}: {first}); the run goes on "
-                              f"and metrics.jsonl keeps every report; {self.later}")
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                first = first if len(first) <= 160 else first[:160] + "..."
+                where = f" to {self.tracker.where}" if self.tracker.where else ""
+                say(run.name, f"{self.tracker.name}: tracking{where} failed ({type(exc).__name__}: {first}); the run "
+                              f"goes on and metrics.jsonl keeps every report; {self.later}")
             self.down, self.opened, self.retry_at = True, False, time.monotonic() + self.delay
             self.delay = min(RETRY_MAX_S, 2 * self.delay)
             with contextlib.suppress(Exception):
