@@ -37,6 +37,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -466,6 +467,11 @@ class TensorBoardTracker(Tracker):
         self._close_writer()
 
 
+def _import_quietly(module: str) -> None:
+    with contextlib.suppress(Exception):  # the tracker imports it again, and says what failed
+        importlib.import_module(module)
+
+
 @contextlib.contextmanager
 def _quiet():
     """MLflow's and W&B's own warnings (e.g. the file store's maintenance notice) stay out of the run's output."""
@@ -491,6 +497,12 @@ class MlflowTracker(Tracker):
         self.run_id: Optional[str] = None
         self.logged_through = -1  # the last step the MLflow run holds
         self._workers: Optional[int] = None
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        # Unpickled on the controller well before the first report: import MLflow (~2 s) meanwhile,
+        # so that the first report, which the workers wait for, does not.
+        threading.Thread(target=_import_quietly, args=("mlflow.tracking",), daemon=True).start()
 
     def _environment(self) -> None:
         os.environ.update(self.env)
