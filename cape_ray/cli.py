@@ -1,4 +1,4 @@
-"""`cape-ray train | inspect | make-data | evaluate | plot | show` (also `python -m cape_ray`).
+"""`cape-ray train | runs | inspect | make-data | evaluate | plot | show` (also `python -m cape_ray`).
 
 Every TrainConfig field is a flag, in both spellings (`--batch_size` and `--batch-size`). Invalid
 values are reported in one line before Ray starts.
@@ -321,6 +321,18 @@ def cmd_plot(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
+def cmd_runs(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from cape_ray import runs
+
+    try:
+        found = runs.list_runs(args.storage_path)
+    except (FileNotFoundError, NotADirectoryError) as exc:
+        print(f"cape-ray runs: error: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(found, indent=1) if args.json else runs.format_table(found))
+    return 0
+
+
 def cmd_show(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import torch
 
@@ -347,6 +359,12 @@ def build_parser() -> argparse.ArgumentParser:
                                               "--address or a `ray start` on this machine says otherwise)")
     add_config_flags(train)
     train.set_defaults(handler=cmd_train)
+
+    runs = commands.add_parser("runs", help="list the runs under a storage path: status, epochs, best PCK and loss")
+    runs.add_argument("storage_path", nargs="?", default="runs",
+                      help="the --storage_path of the runs: a local/NFS directory or s3://bucket/prefix (default: runs)")
+    runs.add_argument("--json", action="store_true", help="print JSON (one object per run) for scripts")
+    runs.set_defaults(handler=cmd_runs)
 
     inspect = commands.add_parser("inspect", help="print a checkpoint's fields and verify its manifest")
     inspect.add_argument("checkpoint", help="checkpoint directory (local path or URI)")

@@ -19,11 +19,10 @@ from ray.train import CheckpointConfig, FailureConfig, Result, RunConfig, Scalin
 from ray.train.torch import TorchTrainer
 from ray.train.v2.api.exceptions import TrainingFailedError
 
-from cape_ray import preflight, ray_address, storage
+from cape_ray import history, preflight, ray_address, storage
 from cape_ray.checkpointer import RETENTION_KEY, retention_slots
 from cape_ray.config import TrainConfig
 from cape_ray.console import DriverConsole
-from cape_ray.history import RunHistory
 from cape_ray.lease import FENCE_KEY, DriverLease, Fence
 from cape_ray.model.api import module_source
 from cape_ray.worker import train_loop_per_worker
@@ -57,7 +56,7 @@ def build_trainer(config: TrainConfig, train_fn: Callable[[dict], None] = train_
                                      max_preemption_failures=config.max_preemption_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=retention_slots(config),
                                            checkpoint_score_attribute=RETENTION_KEY, checkpoint_score_order="max"),
-        callbacks=[RunHistory(fence=fence)],
+        callbacks=[history.RunHistory.for_config(config, fence=fence)],
         worker_runtime_env=worker_runtime_env(config),
     )
     return TorchTrainer(train_fn, train_loop_config=loop_config, scaling_config=scaling, run_config=run_config)
@@ -120,15 +119,22 @@ def run(config: TrainConfig, *, init_ray: bool = True, train_fn: Callable[[dict]
             # --verbose; the project's lines come through the console relay.
             ray.init(address=ray_address.choose(config.address), log_to_driver=config.verbose)
         save_config(config)
+        history.record_start(config)
         with DriverConsole(config.name) as console:
             try:
                 result = build_trainer(config, train_fn, train_loop_config, fence=lease.fence()).fit()
             except TrainingFailedError as exc:
+                history.finish_run(config, exc)
                 message = storage_failure(exc)
                 if message is None:
                     raise
                 raise RunStopped(f"{message} (still failing after {config.storage_retries} retries and "
                                  f"{config.max_failures} restart(s))") from None
+            except BaseException as exc:  # recorded as the run's end (failed / interrupted), then raised
+                history.finish_run(config, exc)
+                raise
+        # The "end" line (what `cape-ray runs` reads) and the trackers' artifacts and status.
+        history.finish_run(config, console.failure)
         # A driver that was stopped while Ray trained (SIGSTOP, a paused VM) and lost its lease
         # meanwhile says so here (LeaseLost), whatever fit() returned.
         lease.confirm()

@@ -76,17 +76,41 @@ def test_a_line_cut_by_a_crash_is_skipped_and_appending_goes_on(tmp_path):
     assert records[1]["resumed_from"] == "checkpoint_e001_x_s000002"
 
 
-def test_object_store_is_read_and_rewritten_and_gets_tensorboard_files():
+def test_object_store_history_is_segments_read_back_in_order_with_rolled_tensorboard_files():
     fs = pafs._MockFileSystem()  # an in-memory filesystem that cannot append, like S3
     ctx = context("bucket/runs", filesystem=fs)
+    # an older run's single file comes first; this version never rewrites it
+    fs.create_dir("bucket/runs/run")
+    with fs.open_output_stream("bucket/runs/run/metrics.jsonl") as out:
+        out.write(b'{"event": "report", "attempt": 1, "global_step": 1, "epoch": 1}\n')
     callback = history.RunHistory()
-    report(callback, ctx, 2)
-    report(callback, ctx, 4, validated=1)
+    total = history.SEGMENT_RECORDS + 8
+    for step in range(2, total + 1):
+        report(callback, ctx, step, validated=int(step == total))
+    segments = history.segment_paths(fs, "bucket/runs/run")
+    assert [p.rsplit("/", 1)[-1] for p in segments] == ["000001.jsonl", "000002.jsonl"]
+    sizes = [len(history.parse_lines(fs.open_input_stream(p).read())) for p in segments]
+    assert sizes == [history.SEGMENT_RECORDS, total - history.SEGMENT_RECORDS]  # the restart line included
     with fs.open_input_stream("bucket/runs/run/metrics.jsonl") as stream:
-        records = history.parse_lines(stream.read())
-    assert [r["global_step"] for r in records] == [2, 4]
+        assert len(stream.read().splitlines()) == 1
+    records = history.read_records(fs, "bucket/runs/run")
+    assert [r["event"] for r in records[:2]] == ["report", "restart"]  # a driver rerun of the older run
+    assert [r["global_step"] for r in records if r["event"] == "report"] == list(range(1, total + 1))
+    assert history.read_tail(fs, "bucket/runs/run") == records[-(total - history.SEGMENT_RECORDS):]
+
+    # a new writer (a driver rerun) starts a segment of its own
+    history.RunHistory(tensorboard=False).after_report(ctx, [{"global_step": total + 1, "epoch": 2}], None)
+    assert history.segment_paths(fs, "bucket/runs/run")[-1].endswith("000003.jsonl")
+    assert history.read_records(fs, "bucket/runs/run")[-1]["global_step"] == total + 1
+
+    # TensorBoard: a new event file every ROLL_REPORTS reports, so no upload grows with the run
     events = fs.get_file_info(pafs.FileSelector("bucket/runs/run/tensorboard"))
-    assert len(events) == 1 and events[0].size > 0 and events[0].base_name.endswith(".attempt001")
+    names = sorted(e.base_name for e in events)
+    assert len(names) == 2 and names[0].endswith(".attempt002") and names[1].endswith(".attempt002.part001")
+    assert all(e.size > 0 for e in events)
+
+
+def test_tensorboard_scalars_name_every_report_key():
     validated = {"epoch": 1, "step": 4, "global_step": 4, "validated": 1, "train_loss": 0.25, "val_pck": 0.5,
                  "pck@0.10": 0.3, "lr": 1e-3, "reason": "scheduled", "is_best_pck": True}
     assert history.tensorboard_scalars(validated) == {"train/loss": 0.25, "val/pck_0.20": 0.5, "val/pck_0.10": 0.3,
