@@ -173,6 +173,10 @@ def cmd_inspect(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         "epochs_in_history": len(state.get("history", [])),
         "world_size": state.get("world_size"),
         "device": state.get("device"),
+        "precision": state.get("precision"),
+        "grad_scaler": state.get("grad_scaler"),
+        "model": state.get("model"),
+        "config_changes": state.get("config_changes"),
         "bests": {metric: {k: t.get(k) for k in ("best", "best_epoch", "export")}
                   for metric, t in state.get("tracking", {}).get("best", {}).items()},
         "metrics": state.get("metrics"),

@@ -473,7 +473,11 @@ class LrSchedule:
         return [group["lr"] for group in self.optimizer.param_groups]
 
     def state_dict(self) -> dict:
-        return {"steps_per_epoch": self.steps_per_epoch, "epochs": self.epochs, "progress": self.progress}
+        """The plan and the progress; `last_epoch` and `_last_lr` as torch's schedulers name them (the
+        original pipeline's `lr_scheduler`, see original_format.py), for tools that read those."""
+        return {"steps_per_epoch": self.steps_per_epoch, "epochs": self.epochs, "progress": self.progress,
+                "last_epoch": int(self.progress) if self.progress.is_integer() else self.progress,
+                "_last_lr": self.get_last_lr()}
 
     def load_state_dict(self, state: dict) -> None:
         self.steps_per_epoch, self.epochs = int(state["steps_per_epoch"]), int(state["epochs"])
