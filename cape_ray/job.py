@@ -57,17 +57,17 @@ def build_trainer(config: TrainConfig, train_fn: Callable[[dict], None] = train_
         checkpoint_config=CheckpointConfig(num_to_keep=retention_slots(config),
                                            checkpoint_score_attribute=RETENTION_KEY, checkpoint_score_order="max"),
         callbacks=[history.RunHistory.for_config(config, fence=fence)],
-        worker_runtime_env=worker_runtime_env(config),
     )
     return TorchTrainer(train_fn, train_loop_config=loop_config, scaling_config=scaling, run_config=run_config)
 
 
-def worker_runtime_env(config: TrainConfig) -> dict:
+def job_runtime_env(config: TrainConfig) -> Optional[dict]:
     """What the workers need besides cape-ray: a model of your own (--model package.module:function)
-    travels as a Ray py_module, so that its module imports on every node (a cluster's too). Ray's
-    controller, which starts the workers, runs on the driver's node and packages it from there."""
+    travels as a Ray py_module, so that its module imports on every node (a cluster's too). Ray
+    uploads a local module only for the whole job (ray.init), which merges it into the job's own
+    runtime env under `ray job submit`."""
     source = module_source(config.model)
-    return {"py_modules": [str(source)]} if source is not None else {}
+    return {"py_modules": [str(source)]} if source is not None else None
 
 
 def save_config(config: TrainConfig) -> None:
@@ -117,7 +117,8 @@ def run(config: TrainConfig, *, init_ray: bool = True, train_fn: Callable[[dict]
             # `ray start` on this machine, else a private instance; one that does not answer is
             # refused here (RayAddressError). Ray's own output reaches this driver only with
             # --verbose; the project's lines come through the console relay.
-            ray.init(address=ray_address.choose(config.address), log_to_driver=config.verbose)
+            ray.init(address=ray_address.choose(config.address), log_to_driver=config.verbose,
+                     runtime_env=job_runtime_env(config))
         save_config(config)
         history.record_start(config)
         with DriverConsole(config.name) as console:
