@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import pyarrow.fs as pafs
+from ray.exceptions import RayActorError
 from ray.train import Checkpoint, UserCallback
 
 from cape_ray import storage, trackers as tracking
@@ -317,8 +318,11 @@ class RunHistory(UserCallback):
         ranks = sorted(int(r) for r in worker_exceptions)
         first = next(iter(worker_exceptions.values()), None)
         error = ("" if first is None else f"{type(first).__name__}: {first}")[:500]
-        if (ranks, error) == self._last_failure:
-            return  # the same failure seen again by another status poll (e.g. while preempting)
+        # A dead worker process is seen again by every status poll until the controller acts (e.g.
+        # while a preempted node drains): the same actor's death, once. An exception raised by the
+        # training function ends its attempt at once, so the same words again are a new attempt's.
+        if (ranks, error) == self._last_failure and isinstance(first, RayActorError):
+            return
         self._last_failure = (ranks, error)
         self._write([{"event": "failure", "time": time.time(), "attempt": self._attempt, "ranks": ranks,
                       "error": error}])

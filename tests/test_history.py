@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import pyarrow.fs as pafs
 import pytest
+from ray.exceptions import ActorDiedError
 from ray.train import RunConfig
 
 from cape_ray import checkpoint as ckpt, cli, evaluate, history, plots
@@ -35,13 +36,27 @@ def lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def test_the_same_exception_in_two_attempts_is_two_failures(tmp_path):
+    """A training function's exception ends its attempt at once: the same words again come from
+    the next attempt (a storage failure that outlasts its retries, attempt after attempt)."""
+    ctx = context(str(tmp_path))
+    callback = history.RunHistory(tensorboard=False)
+    report(callback, ctx, 2)
+    for _ in range(3):
+        callback.after_exception(ctx, {0: RuntimeError("cannot store checkpoint")})
+    records = lines(tmp_path / "run" / history.METRICS_FILE)
+    assert [r["event"] for r in records] == ["report", "failure", "failure", "failure"]
+    assert [r["attempt"] for r in records] == [1, 1, 2, 3]
+
+
 def test_failures_restarts_and_reruns_are_appended(tmp_path):
     ctx = context(str(tmp_path))
     callback = history.RunHistory(tensorboard=False)
     report(callback, ctx, 2)
     report(callback, ctx, 4, checkpoint="checkpoint_e001_lr1e-3_bs2_acc1_qpe2_s000004")
-    callback.after_exception(ctx, {1: RuntimeError("worker died")})
-    callback.after_exception(ctx, {1: RuntimeError("worker died")})  # the same failure, polled again
+    died = ActorDiedError()
+    callback.after_exception(ctx, {1: died})
+    callback.after_exception(ctx, {1: died})  # the same dead worker, polled again
     report(callback, ctx, 6, checkpoint="checkpoint_e001_lr1e-3_bs2_acc1_qpe2_s000006")
     report(callback, ctx, 6)  # the global step did not advance: restarted from an earlier checkpoint
     report(callback, ctx, 8, workers=2)  # the group was resized
@@ -54,7 +69,7 @@ def test_failures_restarts_and_reruns_are_appended(tmp_path):
                                             "restart", "report", "restart", "report"]
     assert [r["attempt"] for r in records] == [1, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
     failure, restart = records[2], records[3]
-    assert failure["ranks"] == [1] and failure["error"] == "RuntimeError: worker died"
+    assert failure["ranks"] == [1] and failure["error"].startswith("ActorDiedError: ")
     assert restart == {**restart, "reason": "worker_failure", "previous_global_step": 4, "global_step": 6,
                        "resumed_from": "checkpoint_e001_lr1e-3_bs2_acc1_qpe2_s000004"}
     assert [r["reason"] for r in records if r["event"] == "restart"] == [
