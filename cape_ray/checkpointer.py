@@ -34,11 +34,13 @@ tidy deletes the exports its tracking does not name.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import shutil
 import tempfile
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
 
@@ -184,6 +186,36 @@ def resolve_resume(uri: str, verify: bool = True) -> tuple[pafs.FileSystem, str]
     return fs, f"{path}/{newest}"
 
 
+@dataclass
+class StoreResult:
+    """What storing one checkpoint came to (rank 0)."""
+
+    problem: Optional[str] = None  # why it could not be stored
+    fenced: Optional[str] = None  # why the driver's lease forbade it
+    replaced: list[str] = field(default_factory=list)  # the exports its new bests replace
+
+
+@dataclass
+class PendingReport:
+    """A checkpoint handed to the writer and not reported yet (every rank holds one)."""
+
+    name: str
+    metrics: dict[str, Any]
+    future: Optional[Future]  # rank 0: the writer's StoreResult; None on the other ranks
+
+
+def snapshot(value: Any) -> Any:
+    """A copy of a state (nested dicts, lists, tensors) that training cannot change any more:
+    tensors copied to the CPU (from a GPU too), containers rebuilt."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {key: snapshot(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(snapshot(item) for item in value)
+    return copy.deepcopy(value)
+
+
 class Checkpointer:
     def __init__(self, config: TrainConfig, *, fs: pafs.FileSystem, run_dir: str, latest: Optional[str],
                  registered: Iterable[str], rank: int, world_size: int, report: ReportFn, gather: GatherFn,
@@ -200,6 +232,12 @@ class Checkpointer:
         # exports replaced by a new best: (export name, the checkpoint that replaced it); deleted
         # once Ray has committed that checkpoint
         self.stale_exports: list[tuple[str, str]] = []
+        # rank 0's background writer (one thread: at most one checkpoint in flight) and the
+        # checkpoint every rank will report once it is stored
+        self.background = not config.sync_checkpoints  # the same on every rank: they report together
+        self._writer = (ThreadPoolExecutor(1, thread_name_prefix="cape_ray_checkpoint")
+                        if self.background and rank == 0 else None)
+        self._pending: Optional[PendingReport] = None
         self.fence = fence  # the driver's lease claim: checked before every write (lease.py)
 
     # ------------------------------------------------------------------ restore
@@ -408,43 +446,84 @@ class Checkpointer:
         return name
 
     def save(self, name: str, state: TrainState, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-             scheduler: Any, running: dict[str, Any], metrics: dict[str, Any]) -> None:
-        """Write this position as checkpoint `name` and report it (every rank: a barrier).
+             scheduler: Any, running: dict[str, Any], metrics: dict[str, Any], wait: bool = False) -> None:
+        """Write this position as checkpoint `name`; it is reported to Ray once it is stored (every
+        rank calls this at the same point: it gathers every rank's state).
 
-        Rank 0 stages the checkpoint, checks the storage has room for it and the exports it earned,
-        uploads it (manifest last) and makes those exports, retrying a failed store; Ray then
-        registers it without uploading again. Whether that worked is agreed by every rank before
-        reporting, so that a storage failure stops all of them with StorageError (a worker failure
-        Ray retries) instead of leaving the others waiting in the report.
+        Rank 0 writes the checkpoint (manifest last), checks the storage has room for it and the
+        exports it earned, uploads it and makes those exports, retrying a failed store; Ray then
+        registers it without uploading again. With the background writer (the default) the
+        training thread pays only for a copy of the state in memory; writing, hashing and storing
+        run in one background thread, at most one checkpoint in flight (this call first commits the
+        previous one). The report follows at the next `poll` that finds the store done, or at the
+        next save, `flush` or `finish`; `wait` (a just-in-time checkpoint before a preemption), or
+        --sync_checkpoints, commits it before returning. Whether the store worked is agreed by every
+        rank before the report, so that a storage failure stops all of them with StorageError (a
+        worker failure Ray retries) instead of leaving the others waiting in the report.
         """
         blobs = self._gather(ckpt.serialize({**rng.capture(), **running}))
-        target, problem, fenced = f"{self.run_dir}/{name}", None, None
+        self.flush()  # at most one checkpoint in flight
+        future = None
         if self.rank == 0:
-            staging = tempfile.mkdtemp(prefix="cape_ray_ckpt_")
-            try:
-                # staging is not kept: the upload makes the stored copy durable (fsync), not this one
-                ckpt.write_checkpoint(staging, model=model.state_dict(), optimizer=optimizer.state_dict(),
-                                      scheduler=scheduler.state_dict(), state=state.state_dict(metrics),
-                                      rank_states=blobs, durable=False)
-                earned = [t for t in state.tracking.best.values() if t.checkpoint == name]
-                problem, fenced = self._store_with_retries(staging, target, wanted_exports(earned))
-                if problem is None and not fenced:
-                    self.delete_stale_exports(wait=False)  # those whose replacement Ray committed since
-                    self.stale_exports += [(old, name) for old in self._replaced_exports(earned)]
-            except OSError as exc:  # the local staging directory (TMPDIR) is full or unwritable
-                problem = (f"cannot stage checkpoint {name} in {tempfile.gettempdir()}: {exc}. Free space there or "
-                           f"set TMPDIR to a larger disk; then rerun the same command.")
-            finally:
-                shutil.rmtree(staging, ignore_errors=True)
-        self._stop_if_fenced(fenced, f"checkpoint {name} not stored")
-        if self._all_reduce({"storage_failed": float(problem is not None)})["storage_failed"]:
-            raise ckpt.StorageError(problem or f"rank 0 could not store checkpoint {name} (see its message)")
-        self._report(metrics, target if self.rank == 0 else None, name)
-        self.registered.add(name)
+            earned = [t for t in state.tracking.best.values() if t.checkpoint == name]
+            parts = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                         state=state.state_dict(metrics), rank_states=blobs)
+            if self._writer is not None:
+                future = self._writer.submit(self._write_and_store, name, snapshot(parts), earned)
+            else:
+                future = Future()
+                future.set_result(self._write_and_store(name, parts, earned))
+        self._pending = PendingReport(name, metrics, future)
+        if not self.background or wait:
+            self.flush()
+
+    def poll(self) -> None:
+        """Report the checkpoint in flight if its store has finished (every rank, at the same step:
+        rank 0's writer decides, through a collective)."""
+        if self._pending is None:
+            return
+        done = self.rank == 0 and self._pending.future.done()
+        if self._all_reduce({"stored": float(done)})["stored"]:
+            self._commit()
+
+    def flush(self) -> None:
+        """Wait for the checkpoint in flight, then report it (every rank)."""
+        if self._pending is not None:
+            self._commit()
+
+    def _commit(self) -> None:
+        pending, self._pending = self._pending, None
+        result = pending.future.result() if self.rank == 0 else StoreResult()
+        self._stop_if_fenced(result.fenced, f"checkpoint {pending.name} not stored")
+        if self._all_reduce({"storage_failed": float(result.problem is not None)})["storage_failed"]:
+            raise ckpt.StorageError(result.problem or f"rank 0 could not store checkpoint {pending.name} (see its "
+                                                      f"message)")
+        if self.rank == 0:
+            self.delete_stale_exports(wait=False)  # those whose replacement Ray has committed since
+            self.stale_exports += [(old, pending.name) for old in result.replaced]
+        self._report(pending.metrics, f"{self.run_dir}/{pending.name}" if self.rank == 0 else None, pending.name)
+        self.registered.add(pending.name)
+
+    def _write_and_store(self, name: str, parts: dict[str, Any], earned: list[BestTracker]) -> "StoreResult":
+        """Rank 0 (the writer thread, or the training thread with --sync_checkpoints): write the
+        checkpoint to a staging directory, then store it and the exports it earned."""
+        staging = tempfile.mkdtemp(prefix="cape_ray_ckpt_")
+        try:
+            # staging is not kept: the upload makes the stored copy durable (fsync), not this one
+            ckpt.write_checkpoint(staging, **parts, durable=False)
+            problem, fenced = self._store_with_retries(staging, f"{self.run_dir}/{name}", wanted_exports(earned))
+            replaced = self._replaced_exports(earned) if problem is None and not fenced else []
+            return StoreResult(problem, fenced, replaced)
+        except OSError as exc:  # the local staging directory (TMPDIR) is full or unwritable
+            return StoreResult(f"cannot stage checkpoint {name} in {tempfile.gettempdir()}: {exc}. Free space there "
+                               f"or set TMPDIR to a larger disk; then rerun the same command.")
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
     def finish(self) -> None:
-        """At the end of training: once Ray has committed the last report, delete the exports that
-        the run's last bests replaced."""
+        """At the end of training: report the checkpoint in flight, and once Ray has committed the
+        last report, delete the exports that the run's last bests replaced."""
+        self.flush()
         if self.rank == 0 and not self._fence_problem():
             self.delete_stale_exports(wait=True)
 

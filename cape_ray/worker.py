@@ -34,6 +34,8 @@ from cape_ray.state import TrainState
 
 log = logging.getLogger("cape_ray")
 
+POLL_STEPS = 10  # how often a checkpoint stored in the background is reported, without preemption checks
+
 
 def train_loop_per_worker(config_dict: dict[str, Any], edge: Optional["RayEdge"] = None) -> None:
     """Ray Train's entry point. A storage failure that outlasts its retries is raised like any
@@ -106,18 +108,19 @@ def train(config: TrainConfig, edge: "RayEdge", deterministic: bool, fence: Opti
     loss_count = resumed.loss_count
     seconds = {"train": 0.0, "checkpoint": 0.0}  # this attempt's totals (for the overhead benchmark)
 
-    def save(name: str, metrics: dict[str, Any]) -> None:
-        started = time.perf_counter()
+    def save(name: str, metrics: dict[str, Any], wait: bool = False) -> None:
+        started = time.perf_counter()  # what training waits for: the background writer does the rest
         running = {"loss_sum": float(loss_sum), "loss_count": loss_count}
         state.grad_scaler = amp.state_dict()
-        checkpointer.save(name, state, engine.unwrap(model), optimizer, schedule, running, metrics)
+        checkpointer.save(name, state, engine.unwrap(model), optimizer, schedule, running, metrics, wait=wait)
         seconds["checkpoint"] += time.perf_counter() - started
 
     def save_mid_epoch(epoch: int, reason: str) -> None:
         save(checkpointer.unique_name(ckpt.checkpoint_name(run, epoch + 1, position.step)), {
             "epoch": epoch + 1, "step": position.step, "global_step": position.global_step, "validated": 0,
             "reason": reason, "lr": float(schedule.get_last_lr()[0]),
-            "train_loss": float(loss_sum) / max(1, loss_count), RETENTION_KEY: UNVALIDATED_SCORE})
+            "train_loss": float(loss_sum) / max(1, loss_count), RETENTION_KEY: UNVALIDATED_SCORE},
+             wait=reason == "preemption")  # the node may be gone before a background write ends
 
     saved_for_notice = False  # a just-in-time checkpoint was written for the preemption notice in force
     for epoch in range(position.epoch, config.epochs):
@@ -139,6 +142,8 @@ def train(config: TrainConfig, edge: "RayEdge", deterministic: bool, fence: Opti
 
             steps_left = position.episode + position.episodes_per_step <= config.episodes_per_epoch
             every = config.checkpoint_every_steps
+            if position.global_step % (config.preemption_check_steps or POLL_STEPS) == 0:
+                checkpointer.poll()  # a stored checkpoint is reported here (a collective)
             if steps_left and every and position.global_step % every == 0:
                 save_mid_epoch(epoch, "scheduled")
             elif config.preemption_check_steps and position.global_step % config.preemption_check_steps == 0:

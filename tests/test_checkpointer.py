@@ -6,6 +6,8 @@ from __future__ import annotations
 import random
 import re
 import shutil
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -217,6 +219,8 @@ def test_save_reports_on_every_rank_but_writes_only_on_rank_zero(tmp_path):
     optimizer = engine.build_optimizer(model, config)
     scheduler = engine.build_scheduler(optimizer, config, 10)
     other.save(E1, TrainState.fresh(config, 2), model, optimizer, scheduler, {"loss_sum": 0.0, "loss_count": 0}, {})
+    assert reports == []  # like rank 0, it reports once the store is agreed: at the next poll or flush
+    other.flush()
     assert reports == [(E1, None)] and not (tmp_path / E1).exists()
 
 
@@ -227,7 +231,8 @@ def saving(tmp_path, storage_retries: int = 5, **options):
     scheduler = engine.build_scheduler(optimizer, config, 10)
     node = checkpointer(tmp_path / "run", config, **options)
     state = TrainState.fresh(config, options.get("world_size", 1))
-    return node, lambda: node.save(E1, state, model, optimizer, scheduler, {"loss_sum": 0.0, "loss_count": 0}, {})
+    return node, lambda: node.save(E1, state, model, optimizer, scheduler, {"loss_sum": 0.0, "loss_count": 0}, {},
+                                   wait=True)
 
 
 def test_a_full_storage_stops_the_save_with_the_path_and_the_bytes_needed(tmp_path, monkeypatch):
@@ -321,3 +326,95 @@ def test_ranks_restore_what_rank_zero_chose_and_a_rank_that_cannot_read_it_fails
     one = checkpointer(tmp_path, config, latest=E2, registered={E1, E2}, rank=1, world_size=2, chosen=chosen)
     with pytest.raises(ckpt.CheckpointError, match=f"rank 1: checkpoint {E2}, chosen by rank 0, does not verify here"):
         one.restore()
+
+
+# ------------------------------------------------------------------------ the background writer
+def test_training_pays_only_for_the_snapshot_and_the_report_follows_the_store(tmp_path, monkeypatch):
+    """The store blocks until the test lets it go: save() has returned long before, the checkpoint is
+    not on storage and not reported yet; once stored, the next poll reports it. The snapshot is a
+    copy: changing the weights after save() does not change what is stored."""
+    release, upload = threading.Event(), storage.upload_checkpoint
+    monkeypatch.setattr(storage, "upload_checkpoint", lambda *a: (release.wait(30), upload(*a)))
+    reports = []
+    node, _ = saving(tmp_path, reports=reports)
+    config = make_config(tmp_path)
+    model = build_model(config)
+    optimizer = engine.build_optimizer(model, config)
+    scheduler = engine.build_scheduler(optimizer, config, 10)
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    node.save(E1, TrainState.fresh(config, 1), model, optimizer, scheduler, {"loss_sum": 0.0, "loss_count": 0}, {})
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(1.0)  # training goes on while the writer works
+    node.poll()
+    assert reports == [] and not (tmp_path / "run" / E1 / ckpt.MANIFEST).exists()  # still in flight
+    release.set()
+    node._pending.future.result(timeout=60)
+    node.poll()
+    assert [name for name, _ in reports] == [E1]
+    stored = ckpt.load_checkpoint(tmp_path / "run" / E1).model
+    assert all(torch.equal(stored[k], expected[k]) for k in expected)
+
+
+def test_at_most_one_checkpoint_is_in_flight_and_training_overlaps_it(tmp_path, monkeypatch):
+    from cape_ray.worker import train_loop_per_worker
+    from local_edge import LocalEdge
+
+    from cape_ray.checkpointer import Checkpointer
+
+    active, seen = [0], {"most": 0, "steps_during_stores": 0}
+    write_and_store, train_step = Checkpointer._write_and_store, engine.train_step
+
+    def slow_store(self, *args):
+        active[0] += 1
+        seen["most"] = max(seen["most"], active[0])
+        time.sleep(0.3)
+        try:
+            return write_and_store(self, *args)
+        finally:
+            active[0] -= 1
+
+    def counted_step(*args, **kwargs):
+        seen["steps_during_stores"] += active[0] > 0
+        return train_step(*args, **kwargs)
+
+    monkeypatch.setattr(Checkpointer, "_write_and_store", slow_store)
+    monkeypatch.setattr(engine, "train_step", counted_step)
+    config = make_config(tmp_path, "overlap", epochs=1, checkpoint_every_steps=2)
+    edge = LocalEdge(tmp_path / "overlap", quiet=True)
+    train_loop_per_worker(config.to_dict(), edge)
+    assert seen["most"] == 1 and seen["steps_during_stores"] > 0
+    names = [name for name, _ in edge.reports]
+    assert len(names) == 2 and names == sorted(names, key=ckpt.position_from_name)  # in order
+    assert all(ckpt.verify_checkpoint(tmp_path / "overlap" / name) == [] for name, _ in edge.reports)
+
+
+def test_a_background_store_failure_is_raised_on_every_rank_like_a_synchronous_one(tmp_path, monkeypatch):
+    def broken(local_dir, fs, path):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(storage, "upload_checkpoint", broken)
+    reports = []
+    node, _ = saving(tmp_path, reports=reports, storage_retries=1)
+    config = make_config(tmp_path)
+    model = build_model(config)
+    optimizer = engine.build_optimizer(model, config)
+    node.save(E1, TrainState.fresh(config, 1), model, optimizer, engine.build_scheduler(optimizer, config, 10),
+              {"loss_sum": 0.0, "loss_count": 0}, {})  # returns: the failure is the writer's
+    with pytest.raises(ckpt.StorageError, match="No space left on device"):
+        node.flush()
+    assert reports == [] and not (tmp_path / "run" / E1).exists()
+
+
+def test_sync_checkpoints_store_on_the_training_thread(tmp_path, monkeypatch):
+    threads, upload = [], storage.upload_checkpoint
+    monkeypatch.setattr(storage, "upload_checkpoint", lambda *a: (threads.append(threading.current_thread()),
+                                                                  upload(*a)))
+    reports = []
+    config = make_config(tmp_path, sync_checkpoints=True)
+    node = checkpointer(tmp_path / "run", config, reports=reports)
+    model = build_model(config)
+    optimizer = engine.build_optimizer(model, config)
+    node.save(E1, TrainState.fresh(config, 1), model, optimizer, engine.build_scheduler(optimizer, config, 10),
+              {"loss_sum": 0.0, "loss_count": 0}, {})
+    assert threads == [threading.main_thread()] and [name for name, _ in reports] == [E1]

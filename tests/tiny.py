@@ -87,5 +87,5 @@ def write_checkpoint(run_dir, name: str, config: TrainConfig, *, seed: int = 0, 
     checkpointer = Checkpointer(config, fs=pafs.LocalFileSystem(), run_dir=str(run_dir), latest=None, registered=(),
                                 rank=0, world_size=ranks, report=lambda metrics, stored, name: None,
                                 gather=lambda blob: blobs, all_reduce=dict)
-    checkpointer.save(name, state, model, optimizer, scheduler, rank_states[0], metrics or {"val_pck": 0.5})
+    checkpointer.save(name, state, model, optimizer, scheduler, rank_states[0], metrics or {"val_pck": 0.5}, wait=True)
     return Path(run_dir) / name
