@@ -301,6 +301,11 @@ def checked_value(key: str, value: Any, kind: type, source: str) -> Any:
         return ",".join(value)  # a list of trackers
     if key == "num_workers" and isinstance(value, int) and not isinstance(value, bool):
         return str(value)  # num_workers: 2 in YAML
+    if kind is float and isinstance(value, str):
+        try:  # YAML 1.1 reads 1e-3 (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
     ok = (isinstance(value, bool) if kind is bool
           else isinstance(value, int) and not isinstance(value, bool) if kind is int
           else isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float
