@@ -37,7 +37,7 @@ import torch  # noqa: E402
 from ray import cloudpickle  # noqa: E402
 from ray.train import RunConfig  # noqa: E402
 
-from cape_ray import checkpoint as ckpt, engine, history, rng, trackers  # noqa: E402
+from cape_ray import checkpoint as ckpt, engine, history, rng, timeline, trackers  # noqa: E402
 from cape_ray.config import TrainConfig  # noqa: E402
 from cape_ray.data.episodes import TrainingBatches  # noqa: E402
 from cape_ray.data.loading import load_split  # noqa: E402
@@ -129,6 +129,47 @@ def kill_once_then_train(loop_config: dict) -> None:
         Path(plan["restored"]).write_text(json.dumps({"name": restored.path.rstrip("/").rsplit("/", 1)[-1],
                                                       "global_step": global_step}))
     worker_module.train_loop_per_worker(loop_config)
+
+
+def bare_job(loop_config: dict) -> None:
+    """The smallest Ray Train job that restarts like cape-ray: 1 worker, a linear model, a checkpoint
+    every `every` steps of `step_s` seconds; SIGKILLed once after `kill_after_steps` steps. What
+    Ray itself costs from a kill to the first step after the restart."""
+    plan = loop_config["_kill_plan"]
+    first_attempt = not os.path.exists(plan["marker"])
+    model = torch.nn.Linear(16, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    start = 0
+    restored = ray.train.get_checkpoint()
+    if restored is not None:
+        with restored.as_directory() as local:
+            saved = torch.load(os.path.join(local, "state.pt"), weights_only=True)
+        model.load_state_dict(saved["model"])
+        start = int(saved["step"])
+    for step in range(start, loop_config["steps"]):
+        loss = model(torch.randn(8, 16)).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        time.sleep(loop_config["step_s"])
+        if not first_attempt and step == start:
+            Path(plan["restart"]).write_text(json.dumps({"first_step_at": time.time()}))
+        if first_attempt and step + 1 == plan["kill_after_steps"]:
+            Path(plan["marker"]).write_text(json.dumps({"killed_at": time.time()}))
+            os.kill(os.getpid(), signal.SIGKILL)
+        if (step + 1) % loop_config["every"] == 0:
+            with tempfile.TemporaryDirectory() as local:
+                torch.save({"model": model.state_dict(), "step": step + 1}, os.path.join(local, "state.pt"))
+                ray.train.report({"step": step + 1}, checkpoint=ray.train.Checkpoint.from_directory(local))
+
+
+def restart_seconds(work: Path, name: str, train_fn, loop_config: dict, trainer_config: TrainConfig) -> float:
+    """Kill -> first step after Ray's restart, for `train_fn` run by a trainer built from `trainer_config`."""
+    plan = {key: str(work / f"{name}_{key}.json") for key in ("marker", "restart", "restored")}
+    plan["kill_after_steps"] = loop_config.pop("_kill_after_steps")
+    build_trainer(trainer_config.replace(name=name), train_fn, {**loop_config, "_kill_plan": plan}).fit()
+    killed_at = json.loads(Path(plan["marker"]).read_text())["killed_at"]
+    return json.loads(Path(plan["restart"]).read_text())["first_step_at"] - killed_at
 
 
 # ----------------------------------------------------------------------------- the history's cost
@@ -312,11 +353,12 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--checkpoint_every_steps", type=int, default=None,
                         help="default: the config default")
-    parser.add_argument("--only", choices=["history"], default=None,
-                        help="history: only the run history's cost per report (no Ray, seconds)")
+    parser.add_argument("--only", choices=["history", "restart"], default=None,
+                        help="history: only the run history's cost per report (no Ray, seconds); restart: only "
+                             "kill -> first step, cape-ray beside a bare Ray Train job")
     parser.add_argument("--reports", type=int, default=1000, help="reports of the history benchmark")
     args = parser.parse_args()
-    history_rows = history_cost(args.reports, (10, args.reports))
+    history_rows = history_cost(args.reports, (10, args.reports)) if args.only != "restart" else []
     if args.only == "history":
         print_history_cost(history_rows)
         return
@@ -329,37 +371,48 @@ def main() -> None:
     print(f"config: {config.steps_per_epoch} steps/epoch x {config.epochs} epochs, batch {config.batch_size}, "
           f"checkpoint every {config.checkpoint_every_steps or 'epoch only'} steps, {config.num_threads} thread(s)")
 
+    os.environ[timeline.ENV] = str(work / "timeline.jsonl")  # before Ray starts: its workers inherit it
     ray.init(include_dashboard=False, log_to_driver=False)
     try:
-        # 1 + 2: the Ray job, timed inside the worker with the same timer as the plain loop.
-        result = build_trainer(config.replace(name="overhead")).fit()
-        metrics = result.metrics
-        ray_train_s, ray_ckpt_s = metrics["train_time_total_s"], metrics["checkpoint_time_total_s"]
-        ray_steps = metrics["global_step"]
-        # The last epoch-end report is not in its own totals: count the ones before it only.
-        ray_rate = ray_steps / (ray_train_s + ray_ckpt_s)
-        plain_rate = plain_loop_steps_per_second(config, steps=min(ray_steps, 150))
+        if args.only != "restart":
+            # 1 + 2: the Ray job, timed inside the worker with the same timer as the plain loop.
+            result = build_trainer(config.replace(name="overhead")).fit()
+            metrics = result.metrics
+            ray_train_s, ray_ckpt_s = metrics["train_time_total_s"], metrics["checkpoint_time_total_s"]
+            ray_steps = metrics["global_step"]
+            # The last epoch-end report is not in its own totals: count the ones before it only.
+            ray_rate = ray_steps / (ray_train_s + ray_ckpt_s)
+            plain_rate = plain_loop_steps_per_second(config, steps=min(ray_steps, 150))
 
-        # 3: checkpoint writes vs raw torch.save
-        ck_mbs, raw_mbs, ck_bytes = checkpoint_write_ratio(config)
+            # 3: checkpoint writes vs raw torch.save
+            ck_mbs, raw_mbs, ck_bytes = checkpoint_write_ratio(config)
+        else:
+            ray_train_s, ray_steps = 0.3, 1  # the bare job's step time: cape-ray's default step on 2 cores
 
-        # 4: kill -> restart
+        # 4: kill -> restart, cape-ray's job (with its start-up timeline) and a bare Ray Train job
         cloudpickle.register_pickle_by_value(__import__(__name__))
-        plan = {name: str(work / f"{name}.json") for name in ("marker", "restart", "restored")}
+        timeline_file = work / "timeline.jsonl"
         kill_after = config.steps_per_epoch + max(1, config.steps_per_epoch // 2)  # mid-epoch 2
-        plan["kill_after_steps"] = kill_after
-        kill_config = config.replace(name="kill", epochs=2)
-        build_trainer(kill_config, kill_once_then_train, {**kill_config.to_dict(), "_kill_plan": plan}).fit()
-        killed_at = json.loads(Path(plan["marker"]).read_text())["killed_at"]
-        first_step_at = json.loads(Path(plan["restart"]).read_text())["first_step_at"]
-        restored = json.loads(Path(plan["restored"]).read_text())
+        kill_config = config.replace(epochs=2)
+        cape_restart = restart_seconds(work, "kill", kill_once_then_train,
+                                       {**kill_config.to_dict(), "_kill_after_steps": kill_after}, kill_config)
+        restored = json.loads((work / "kill_restored.json").read_text())
         restored_name, steps_lost = restored["name"], kill_after - restored["global_step"]
+        marks = [json.loads(line) for line in timeline_file.read_text().splitlines()][-1]["marks"]
+        killed_at = json.loads((work / "kill_marker.json").read_text())["killed_at"]
+        step_s = ray_train_s / max(1, ray_steps)  # the bare job's steps last as long as cape-ray's
+        bare_restart = restart_seconds(work, "bare", bare_job, {"steps": 2 * kill_after, "step_s": step_s,
+                                                                "every": max(1, config.checkpoint_every_steps or 10),
+                                                                "_kill_after_steps": kill_after}, kill_config)
     finally:
         ray.shutdown()
         shutil.rmtree(work, ignore_errors=True)
 
     print()
     print(f"{'measure':58s} {'value':>14s}  goal")
+    if args.only == "restart":
+        ray_rate = plain_rate = ray_train_s = 1.0
+        ray_ckpt_s, ck_mbs, raw_mbs, ck_bytes = 0.0, 1.0, 1.0, 0
     print(f"{'Ray job (1 worker) steps/s incl. checkpoint stalls':58s} {ray_rate:14.2f}")
     print(f"{'plain loop steps/s (same train_step, no Ray)':58s} {plain_rate:14.2f}")
     print(f"{'  ratio Ray / plain':58s} {ray_rate / plain_rate:13.3f}x  >= 0.95x")
@@ -368,7 +421,14 @@ def main() -> None:
     print(f"{'raw torch.save MB/s (same tensors)':58s} {raw_mbs:14.1f}")
     print(f"{'  ratio checkpoint / raw':58s} {ck_mbs / raw_mbs:13.3f}x  >= 0.8x")
     print(f"{'checkpoint size (bytes)':58s} {ck_bytes:14d}")
-    print(f"{'worker SIGKILL -> first step after restart (s)':58s} {first_step_at - killed_at:14.1f}")
+    print(f"{'worker SIGKILL -> first step after restart (s): cape-ray':58s} {cape_restart:14.1f}")
+    print(f"{'  the same for a bare Ray Train job (1 worker, linear model)':58s} {bare_restart:14.1f}")
+    print(f"{'  ratio cape-ray / bare':58s} {cape_restart / bare_restart:13.2f}x  <= 1.2x")
+    previous = killed_at
+    for mark, at in marks.items():
+        label = {"process": "Ray: failure seen, workers restarted (kill -> process start)"}.get(mark, f"  -> {mark}")
+        print(f"{'    ' + label:58s} {at - previous:14.2f}")
+        previous = at
     print(f"{'steps of work lost (resumed from ' + restored_name[:24] + '...)':58s} {steps_lost:14d}")
     print_history_cost(history_rows)
 

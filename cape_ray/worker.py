@@ -31,6 +31,7 @@ from cape_ray.lease import FENCE_KEY, Fence, Fenced
 from cape_ray.model import build_model, describe, model_spec
 from cape_ray.model.weights import load_pretrained
 from cape_ray.state import TrainState
+from cape_ray.timeline import Timeline
 
 log = logging.getLogger("cape_ray")
 
@@ -41,20 +42,24 @@ def train_loop_per_worker(config_dict: dict[str, Any], edge: Optional["RayEdge"]
     """Ray Train's entry point. A storage failure that outlasts its retries is raised like any
     worker failure: Ray's restart budget retries it (checkpointer.py). A run whose driver no longer
     holds its lease (Fenced, cape_ray/lease.py) ends without writing and without a restart."""
+    timeline = Timeline()  # where this start's seconds go (timeline.py)
     config_dict = dict(config_dict)
     fence = Fence.from_dict(config_dict.pop(FENCE_KEY, None))  # the driver's lease claim (job.py)
     config = TrainConfig.from_dict(config_dict)
     edge = edge or RayEdge()
+    timeline.mark("ray")
     deterministic = determinism.resolve(config.deterministic, edge.device)
     try:
         # Before the loop's first CUDA work: cuBLAS and cuDNN read these settings when they first run.
         with determinism.algorithms(deterministic):
-            train(config, edge, deterministic, fence)
+            train(config, edge, deterministic, fence, timeline)
     except Fenced as failure:
         edge.stop(failure)
 
 
-def train(config: TrainConfig, edge: "RayEdge", deterministic: bool, fence: Optional[Fence] = None) -> None:
+def train(config: TrainConfig, edge: "RayEdge", deterministic: bool, fence: Optional[Fence] = None,
+          timeline: Optional[Timeline] = None) -> None:
+    timeline = timeline or Timeline()
     rank, world_size, device = edge.rank, edge.world_size, edge.device
     torch.set_num_threads(config.num_threads)  # the thread count changes float rounding: fix it
 
@@ -63,8 +68,10 @@ def train(config: TrainConfig, edge: "RayEdge", deterministic: bool, fence: Opti
     val_split = load_split(config, "val", config.val_queries_per_episode)
     val_episodes = shard(EpisodeSampler(val_split, config.num_shots, config.val_queries_per_episode,
                                         seed=config.data_seed).fixed_episodes(config.val_episodes), rank, world_size)
+    timeline.mark("data")
     rng.seed_everything(config.seed)  # the same initial weights on every rank ...
     model = build_model(config)  # the model is whatever model/api.py's spec builds
+    timeline.mark("model")
     determinism.prepare_model(model, deterministic and device.type == "cuda")
     rng.seed_everything(rng.derived_seed(config.seed, rank))  # ... then a dropout stream per rank
     checkpointer = Checkpointer(config, fs=edge.fs, run_dir=edge.run_dir, latest=edge.latest,
@@ -91,6 +98,7 @@ def train(config: TrainConfig, edge: "RayEdge", deterministic: bool, fence: Opti
                if restored else Resumed())
     position = state.position
     trained_per_epoch = steps_per_epoch * position.episodes_per_step  # episodes an epoch trains
+    timeline.mark("restored")
 
     def set_lr() -> None:  # the LR is a function of the position (engine.LrSchedule)
         schedule.set_position(position.epoch, position.episode, trained_per_epoch)
@@ -134,6 +142,7 @@ def train(config: TrainConfig, edge: "RayEdge", deterministic: bool, fence: Opti
                                        config.grad_clip, amp)
             loss_sum += losses.double().sum()
             loss_count += len(losses)
+            timeline.finish(rank, restored.name if restored else None)
             epoch_train_seconds += time.perf_counter() - step_start
             position.step, position.global_step = position.step + 1, position.global_step + 1
             position.episode += position.episodes_per_step
