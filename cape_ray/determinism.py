@@ -41,14 +41,19 @@ def algorithms(enforced: bool) -> Iterator[None]:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE_CONFIG)
     previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
                 torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
-    torch.use_deterministic_algorithms(enforced)
+    # Only a change is made: torch's switch imports its compiler stack (about a second of a
+    # restart, for a CPU run that changes nothing).
+    changed = enforced != previous[0]
+    if changed:
+        torch.use_deterministic_algorithms(enforced)
     if enforced:
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False  # benchmarking picks algorithms by timing: run-dependent
     try:
         yield
     finally:
-        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+        if changed:
+            torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = previous[2], previous[3]
 
 
