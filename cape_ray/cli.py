@@ -45,6 +45,47 @@ HELP = {
                "the last `ray start` on this machine, else a private instance. One that does not answer is refused",
     "deterministic": "deterministic CUDA kernels, so that GPU runs and resumes are bitwise reproducible (unset: on "
                      "with --use_gpu; CPU training is deterministic either way)",
+    "seed": "training randomness: initial weights, dropout, augmentation order (episodes draw from it by position)",
+    "lr": "AdamW learning rate (linear warmup, then cosine decay to lr x --min_lr_ratio)",
+    "weight_decay": "AdamW weight decay on weight matrices and kernels (not on norms, biases, the temperature)",
+    "warmup_steps": "optimizer steps of linear LR warmup (steps of the layout the run began with)",
+    "min_lr_ratio": "the cosine decays to lr x this at the end of the planned epochs",
+    "grad_clip": "clip the gradient norm to this (0 = no clipping)",
+    "early_stopping_min_delta": "a val_pck gain of at most this does not count as an improvement",
+    "preemption_check_steps": "ask Ray about an imminent node preemption every N steps (0 = never)",
+    "val_queries_per_episode": "queries per validation episode (MP-100: 15)",
+    "augment": "random scale and rotation of training images (--no-augment: none)",
+    "data": "builtin (procedural categories), builtin-hard (the harder preset) or mp100 (implied by --data_root)",
+    "image_size": "the square crop every instance is resized to (unset: the model's default, 64 for cnn, 224 for vit)",
+    "data_seed": "the built-in categories and the fixed validation episodes",
+    "synthetic_instances_per_category": "instances per built-in category",
+    "synthetic_canvas": "pixel size of a built-in image before cropping",
+    "model": "cnn, vit, or package.module:function (a model of your own; see docs/models.md)",
+    "backbone": "cnn: small or large; vit: any timm VisionTransformer name (unset: small / vit_small_patch14_dinov2)",
+    "feature_dim": "width of the matching features and the keypoint decoder (unset: 64 for cnn, 256 for vit)",
+    "refine_layers": "refinement (decoder) layers after the proposals (unset: 2 for cnn, 3 for vit)",
+    "use_skeleton": "the category skeleton as a graph prior in the decoder (unset: off for cnn, on for vit)",
+    "dropout": "dropout in the decoder",
+    "model_kwargs": "more keyword arguments for the model's builder, as JSON, e.g. '{\"heads\": 4}'",
+    "pretrained": "backbone weights: a .safetensors or torch file, or hf-hub:ORG/NAME / timm:NAME (read when the run "
+                  "starts from scratch)",
+    "freeze_backbone": "train none of the backbone (it runs without autograd)",
+    "train_backbone_blocks": "--model vit: train only the last N transformer blocks (and the final norm)",
+    "backbone_lr_mult": "the backbone's learning rate is lr x this",
+    "grad_checkpointing": "recompute the backbone blocks' activations in the backward pass: less memory, same results",
+    "precision": "fp32, bf16 or fp16 (autocast; fp16 with a gradient scaler)",
+    "use_gpu": "one GPU per worker (NCCL)",
+    "cpus_per_worker": "CPUs Ray reserves for each worker",
+    "max_preemption_failures": "restarts after node preemptions (-1 = unlimited; they never use --max_failures)",
+    "storage_retries": "retries of a failed checkpoint store, waiting 2, 4, 8, ... s; then Ray's restart budget",
+    "sync_checkpoints": "store checkpoints on the training thread (default: a background writer, training pays only "
+                        "for a copy in memory)",
+    "progress": "bar (interactive), lines (job logs) or auto (a bar when stdout is a terminal)",
+    "tracker": "mlflow, wandb, tensorboard or none; repeatable (see docs/tracking.md)",
+    "tracking_uri": "MLflow tracking server (default: a file store in the run directory)",
+    "lr_schedule": "a rerun with more --epochs: keep the planned schedule (the new epochs train at the floor LR) or "
+                   "extend it (the cosine re-planned over all epochs)",
+    "force": "accept a rerun or --resume whose flags change the run's math (recorded in its history)",
 }
 
 
@@ -96,7 +137,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
                                 default=None, help=help_text)
         elif f.name == "tracker":
             parser.add_argument(*names, dest=f.name, action="append", default=None, metavar="TRACKER",
-                                choices=["mlflow", "wandb", "tensorboard", "none"], help=help_text + "; repeatable")
+                                choices=["mlflow", "wandb", "tensorboard", "none"], help=help_text)
         elif kind is dict:
             parser.add_argument(*names, dest=f.name, type=json_mapping, default=None, metavar="JSON", help=help_text)
         else:
@@ -355,6 +396,31 @@ def cmd_show(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
+def flag_reference(parser: argparse.ArgumentParser) -> str:
+    """Every command's flags as Markdown tables, from the parser itself (docs/flags.md is this)."""
+    lines = ["# Flag reference", "",
+             "Generated from the parser: `cape-ray flags > docs/flags.md` (a test keeps the file equal to it). Every",
+             "`train` flag can also come from a `--config` YAML file, under the same name.", ""]
+    commands = parser._subparsers._group_actions[0]
+    summaries = {action.dest: action.help for action in commands._choices_actions}
+    for name, sub in commands.choices.items():
+        lines += [f"## `cape-ray {name}`", "", (sub.description or summaries.get(name) or "").rstrip(".") + ".", ""]
+        rows = []
+        for action in sub._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            flags = ", ".join(f"`{o}`" for o in action.option_strings) or f"`{action.dest.upper()}`"
+            help_text = (action.help or "").replace("|", "\\|").replace("\n", " ")
+            rows.append(f"| {flags} | {help_text} |")
+        lines += ["| flag | meaning |", "|---|---|", *rows, ""]
+    return "\n".join(line for line in lines) + "\n"
+
+
+def cmd_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    print(flag_reference(build_parser()), end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrors(prog="cape-ray", description="Category-agnostic pose estimation on Ray Train")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineErrors)
@@ -382,7 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     make_data = commands.add_parser("make-data", help="export the built-in categories as MP-100-format files")
     make_data.add_argument("--out", required=True, help="output directory")
-    make_data.add_argument("--seed", type=int, default=0)
+    make_data.add_argument(*_both("data_seed"), "--seed", dest="seed", type=int, default=0,
+                           help="the built-in categories' seed: train with the same --data_seed to train on this data")
     make_data.add_argument("--instances_per_category", "--instances-per-category", type=int, default=60)
     make_data.add_argument("--canvas", type=int, default=96)
     make_data.add_argument("--split", type=int, default=1, choices=[1, 2, 3, 4, 5])
@@ -441,6 +508,9 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--out", default=None, help="PNG path (default: ./predictions_<checkpoint>_<split>.png)")
     show.add_argument("--dpi", type=int, default=100)
     show.set_defaults(handler=cmd_show)
+    flags = commands.add_parser("flags", help="print every command's flags as Markdown (docs/flags.md)",
+                                description="Print every command's flags as Markdown.")
+    flags.set_defaults(handler=cmd_flags)
     return parser
 
 

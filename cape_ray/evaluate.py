@@ -76,9 +76,25 @@ def default_batch_size(device: torch.device | str) -> int:
 
 
 # ----------------------------------------------------------------------------- checkpoint and data
+def expand_pattern(path: str) -> str:
+    """A local checkpoint path with `*` (e.g. runs/demo/checkpoint_best_pck_*, where the best
+    export's name holds its epoch and scores) that matches exactly one directory: that directory.
+    A shell expands such a path itself, but not inside `--checkpoints 1=...`."""
+    if "*" not in path or "://" in path or os.path.exists(path):
+        return path
+    import glob
+
+    matches = sorted(glob.glob(os.path.expanduser(path)))
+    if len(matches) != 1:
+        raise EvaluationError(f"{path} matches {len(matches)} checkpoints{': ' + ', '.join(matches) if matches else ''}; "
+                              f"name one")
+    return matches[0]
+
+
 def fetch_checkpoint(uri: str, scratch: str) -> str:
     """A verified local copy of the checkpoint at `uri` (local path or URI); raises EvaluationError
     naming every problem when its manifest does not verify."""
+    uri = expand_pattern(uri)
     fs, path = storage.resolve(uri)
     if not storage.exists(fs, path):
         raise EvaluationError(f"no checkpoint at {uri}")

@@ -68,7 +68,7 @@ def parse_checkpoints(items: Sequence[str]) -> dict[int, str]:
         split = int(match.group(1))
         if split in checkpoints:
             raise EvaluationError(f"--checkpoints: split {split} is given twice; give one checkpoint per split")
-        checkpoints[split] = path.strip()
+        checkpoints[split] = evaluate.expand_pattern(path.strip())
     if not checkpoints:
         raise EvaluationError("--checkpoints: give at least one SPLIT=CHECKPOINT")
     return dict(sorted(checkpoints.items()))
