@@ -61,6 +61,18 @@ def build_trainer(config: TrainConfig, train_fn: Callable[[dict], None] = train_
     return TorchTrainer(train_fn, train_loop_config=loop_config, scaling_config=scaling, run_config=run_config)
 
 
+def with_absolute_paths(config: TrainConfig) -> TrainConfig:
+    """Local paths made absolute on the driver: the workers run in directories of Ray's, where a
+    relative --data_root, --pretrained or --resume would mean something else (or nothing)."""
+    def absolute(path: Optional[str]) -> Optional[str]:
+        if path is None or "://" in path or path.startswith(("hf-hub:", "timm:")):
+            return path
+        return os.path.abspath(os.path.expanduser(path))
+
+    return config.replace(storage_path=storage_uri(config), data_root=absolute(config.data_root),
+                          pretrained=absolute(config.pretrained), resume=absolute(config.resume))
+
+
 def job_runtime_env(config: TrainConfig) -> Optional[dict]:
     """What the workers need besides cape-ray: a model of your own (--model package.module:function)
     travels as a Ray py_module, so that its module imports on every node (a cluster's too). Ray
@@ -100,6 +112,7 @@ def run(config: TrainConfig, *, init_ray: bool = True, train_fn: Callable[[dict]
     """Check what can be checked before Ray starts, take the run's lease, then train. Returns None
     when the run has nothing left to train (said in one line). ConfigError: a flag that cannot work.
     `train_fn` / `train_loop_config` let a caller wrap the loop (see build_trainer)."""
+    config = with_absolute_paths(config)
     preflight.check(config)
     if config.progress == "auto":
         # Workers never see a terminal; the driver does, and draws their progress on it.

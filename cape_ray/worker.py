@@ -35,7 +35,6 @@ from cape_ray.timeline import Timeline
 
 log = logging.getLogger("cape_ray")
 
-POLL_STEPS = 10  # how often a checkpoint stored in the background is reported, without preemption checks
 
 
 def train_loop_per_worker(config_dict: dict[str, Any], edge: Optional["RayEdge"] = None) -> None:
@@ -151,8 +150,9 @@ def train(config: TrainConfig, edge: "RayEdge", deterministic: bool, fence: Opti
 
             steps_left = position.episode + position.episodes_per_step <= config.episodes_per_epoch
             every = config.checkpoint_every_steps
-            if position.global_step % (config.preemption_check_steps or POLL_STEPS) == 0:
-                checkpointer.poll()  # a stored checkpoint is reported here (a collective)
+            # A checkpoint stored in the background is reported at the first step boundary after its
+            # store ends (a collective while one is in flight; nothing otherwise).
+            checkpointer.poll()
             if steps_left and every and position.global_step % every == 0:
                 save_mid_epoch(epoch, "scheduled")
             elif config.preemption_check_steps and position.global_step % config.preemption_check_steps == 0:

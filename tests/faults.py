@@ -1,7 +1,10 @@
 """Fault injection for the Ray tests: a train function that kills its own worker process once.
 
 The kill is a real SIGKILL of the Ray worker process at a chosen training micro-batch, guarded by a
-marker file so that the restarted worker group runs through. Every start logs the checkpoint Ray
+marker file so that the restarted worker group runs through. With `after_commit` (epoch, step) in
+the plan, the kill waits from that micro-batch on until that checkpoint has been reported: a
+checkpoint written in the background is reported at a step boundary that depends on how fast the
+disk is, and a test of a mid-epoch resume needs one to exist. Every start logs the checkpoint Ray
 handed to it, so a test can tell where training resumed; with `banner_log` in the plan, every
 resume banner is appended to that file too.
 """
@@ -43,11 +46,25 @@ def train_with_faults(config: dict) -> None:
     if rank == plan["rank"] and not os.path.exists(plan["marker"]):
         calls = 0
         compute_loss = engine.compute_loss
+        reported = set()
+        if "after_commit" in plan:
+            from cape_ray import checkpoint as ckpt
+            from cape_ray.checkpointer import Checkpointer
+
+            commit = Checkpointer._commit
+
+            def recorded_commit(self):
+                name = self._pending.name
+                commit(self)
+                reported.add(ckpt.position_from_name(name))
+
+            Checkpointer._commit = recorded_commit
+        waited_for = tuple(plan["after_commit"]) if "after_commit" in plan else None
 
         def compute_loss_then_die(model, batch):
             nonlocal calls
             calls += 1
-            if calls == plan["kill_at_call"]:
+            if calls >= plan["kill_at_call"] and (waited_for is None or waited_for in reported):
                 open(plan["marker"], "w").close()
                 os.kill(os.getpid(), signal.SIGKILL)
             return compute_loss(model, batch)

@@ -479,7 +479,7 @@ def test_worker_killed_with_a_cache_resumes_bitwise_equal_to_a_run_without_it(ra
     cache_dir = tmp_path / "cache"
     cached = make_config(tmp_path, "cached", data_root=str(shared_data), cache_dir=str(cache_dir), **two_workers)
     # 8 compute_loss calls per epoch per rank: call 14 is epoch 2, step 3, after its mid-epoch checkpoints
-    plan = {"rank": 1, "kill_at_call": 14, "marker": str(tmp_path / "killed.marker"), "log": str(tmp_path / "starts.log")}
+    plan = {"rank": 1, "kill_at_call": 14, "after_commit": (2, 2), "marker": str(tmp_path / "killed.marker"), "log": str(tmp_path / "starts.log")}
     result = fit(cached, faults.train_with_faults, {**cached.to_dict(), "_fault_plan": plan})
     assert result.error is None
     assert os.path.exists(plan["marker"]), "the worker was never killed"

@@ -37,9 +37,9 @@ def test_a_worker_killed_mid_epoch_resumes_bitwise(ray_cluster, tmp_path, kind):
     reference = CONFIGS[kind](tmp_path, "reference")
     assert fit(reference).error is None
     killed = CONFIGS[kind](tmp_path, "killed")
-    # 8 micro-batches per epoch per rank: call 14 is epoch 2, step 3 (after the checkpoints of steps 1
-    # and 2; Ray may lose the last report before a kill, so the resume is from either)
-    plan = {"rank": 1, "kill_at_call": 14, "marker": str(tmp_path / "killed.marker"), "log": str(tmp_path / "starts.log")}
+    # 8 micro-batches per epoch per rank: call 14 is epoch 2, step 3; the kill waits until the
+    # checkpoint of step 2 is reported (Ray may lose the last report before a kill: step 1 or 2)
+    plan = {"rank": 1, "kill_at_call": 14, "after_commit": (2, 2), "marker": str(tmp_path / "killed.marker"), "log": str(tmp_path / "starts.log")}
     result = fit(killed, faults.train_with_faults, {**killed.to_dict(), "_fault_plan": plan})
     assert result.error is None and os.path.exists(plan["marker"]), "the worker was never killed"
     starts = Path(plan["log"]).read_text().splitlines()

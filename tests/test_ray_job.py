@@ -131,9 +131,10 @@ def test_worker_killed_mid_epoch_resumes_bitwise(reference, tiny_config, tmp_pat
 
     cloudpickle.register_pickle_by_value(faults)
     config = tiny_config("killed", **{**TWO_WORKERS, "keep": 2})
-    # compute_loss runs once per micro-batch: 8 calls per epoch per rank. Call 14 is epoch 2,
-    # step 3 (after the mid-epoch checkpoints of steps 1 and 2 were reported).
-    plan = {"rank": 1, "kill_at_call": 14, "marker": str(tmp_path / "killed.marker"),
+    # compute_loss runs once per micro-batch: 8 calls per epoch per rank. Call 14 is epoch 2, step
+    # 3; the kill waits until the mid-epoch checkpoint of step 2 is reported (Ray may lose the last
+    # report before a kill, so the resume is from step 1 or 2).
+    plan = {"rank": 1, "kill_at_call": 14, "after_commit": (2, 2), "marker": str(tmp_path / "killed.marker"),
             "log": str(tmp_path / "starts.log")}
     result = fit(config, faults.train_with_faults, {**config.to_dict(), "_fault_plan": plan})
     assert result.error is None

@@ -71,7 +71,7 @@ def test_killed_worker_and_driver_rerun_on_s3(ray_cluster, s3_endpoint, tmp_path
     uri = s3_uri(s3_endpoint, "runs")
     config = make_config(uri, "s3run")
     # compute_loss runs 8 times per epoch (4 steps x 2 micro-batches): call 14 is epoch 2, step 3.
-    plan = {"rank": 0, "kill_at_call": 14, "marker": str(tmp_path / "killed.marker"),
+    plan = {"rank": 0, "kill_at_call": 14, "after_commit": (2, 2), "marker": str(tmp_path / "killed.marker"),
             "log": str(tmp_path / "starts.log")}
 
     def fit(cfg):
