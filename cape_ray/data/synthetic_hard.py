@@ -71,15 +71,16 @@ POINT_JITTER = 0.03
 BONE_STRETCH = 0.3  # every bone's length times exp(+-this), per instance
 ARTICULATION_MIN_GAP = 0.6  # posed keypoints stay this fraction of the template's closest pair apart
 ARTICULATION_RETRIES = 8
-TRUNCATION_PROB = 0.25  # objects pushed over a border ...
-TRUNCATION_DEPTH = (0.1, 0.4)  # ... by this fraction of their extent
+TRUNCATION_PROB = 0.15  # objects pushed over a border ...
+TRUNCATION_DEPTH = (0.1, 0.35)  # ... by this fraction of their extent
 MIN_VISIBLE = 3  # every instance keeps at least this many visible keypoints (or K)
 
 # Rendering (fractions of the canvas at scale 1 unless said otherwise).
 GLYPH_RADIUS = 0.03
 LIMB_WIDTH = 0.014
 GLYPH_PROB = 0.8  # a part wears a glyph with this probability (else only the limbs mark it)
-OCCLUSION_RATE = 0.08
+OCCLUSION_RATE = 0.05
+GLYPH_DROP = 0.15  # an instance leaves out a keypoint's glyph (the keypoint stays visible)
 HUE_SHIFT_DEG = 40.0  # object colours turn by up to this much about the grey axis, per instance
 SATURATION_RANGE = (0.5, 1.2)
 LIGHT_GAIN = (0.65, 1.3)
@@ -392,7 +393,7 @@ class Family:
 
 
 FAMILIES = (
-    Family("humanoid", _humanoid, True, 120.0, 45.0),
+    Family("humanoid", _humanoid, True, 150.0, 45.0),
     Family("quadruped", _quadruped, True, 180.0, 30.0),
     Family("insect", _insect, True, 180.0, 25.0),
     Family("bird", _bird, True, 180.0, 25.0),
@@ -401,8 +402,8 @@ FAMILIES = (
     Family("radial", _radial, False, 180.0, 25.0),
     Family("snake", _snake, False, 180.0, 16.0),
     Family("vehicle", _vehicle, True, 180.0, 4.0),
-    Family("garment", _garment, True, 120.0, 12.0),
-    Family("plant", _plant, False, 120.0, 20.0),
+    Family("garment", _garment, True, 150.0, 12.0),
+    Family("plant", _plant, False, 150.0, 20.0),
     Family("fish", _fish, False, 180.0, 15.0),
 )
 
@@ -746,13 +747,14 @@ def render_instances(template: HardTemplate, n: int, rng: np.random.Generator, c
     _draw_limbs(img, pad, edges, limb_width, limb_colour, stripe_colour, stripe_period)
     parts = np.broadcast_to(template.part[None], (n, k))
     worn = (template.part_shape[template.part] >= 0)[None] & on_image(kp, glyph_half)
+    worn &= rng.random((n, k)) >= GLYPH_DROP
     _draw_glyphs(img, pad, kp, parts, template, colour_matrix, glyph_r, glyph_half, rng, worn, turn=theta)
 
     # --- occluders: a rectangle near each occluded keypoint; visible = inside the image, not covered
     occluded = rng.random((n, k)) < OCCLUSION_RATE
     occ_r = np.maximum(glyph_r, 2.0)[:, None, None]
     occ_centre = kp + rng.uniform(-0.4, 0.4, (n, k, 2)) * occ_r
-    occ_size = rng.uniform(1.3, 2.4, (n, k, 2)) * occ_r
+    occ_size = rng.uniform(1.0, 1.8, (n, k, 2)) * occ_r
     occ_colour = _to_uint8(rng.uniform(30, 225, (n, k, 3)))
     in_image = ((keypoints >= 0) & (keypoints <= canvas - 1)).all(-1)
 
