@@ -7,23 +7,29 @@ A checkpoint is a directory:
                                            epochs_without_improvement at its top level
     rng/rank_00000.pt ...                  one per rank: rng_state, cuda_rng_state, np_rng_state,
                                            py_rng_state and its running train-loss sum of the epoch
-    manifest.json                          size + SHA-256 of every other file, written LAST
+    manifest.json                          size + SHA-256 of every other file, written LAST (and,
+                                           on a durable write, after every file and directory
+                                           reached the disk)
 
-A checkpoint is valid only if its manifest verifies. Every load uses `weights_only=True`.
+A checkpoint is valid only if its manifest verifies: it lists every file of the directory, each a
+relative path inside it, with its size and SHA-256. Every load uses `weights_only=True`.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
 import os
 import re
 import shutil
+import stat
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 import torch
 
@@ -32,6 +38,7 @@ from cape_ray.tracking import export_kind
 
 SCHEMA_VERSION = 2
 MANIFEST = "manifest.json"
+MANIFEST_TMP = MANIFEST + ".tmp"  # the manifest while it is written (renamed when whole)
 STATE = "state.json"
 TENSOR_FILES = ("model.pt", "optimizer.pt", "scheduler.pt")
 DISK_MARGIN_BYTES = 1 << 20  # room for state.json, manifest and filesystem overhead
@@ -103,12 +110,102 @@ def position_from_name(name: str) -> Optional[tuple[int, int]]:
 
 
 # ----------------------------------------------------------------------------- writing
+_HASH_ALONGSIDE_BYTES = 1 << 16  # chunks this large are hashed while another thread writes them
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+class _HashingFile:
+    """A file being written that hashes its bytes on the way (no second read to build the manifest).
+
+    A large chunk is written by `io_pool` while this thread hashes it (both release the GIL), so the
+    two overlap; `write` returns only when both are done, because torch.save may reuse the buffer.
+    """
+
+    def __init__(self, path: Path, io_pool: ThreadPoolExecutor):
+        self.file = open(path, "wb")
+        self.io_pool = io_pool
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data) -> int:
+        size = memoryview(data).nbytes
+        if size < _HASH_ALONGSIDE_BYTES:
+            self.digest.update(data)
+            self.file.write(data)
+        else:
+            written = self.io_pool.submit(self.file.write, data)
+            self.digest.update(data)
+            written.result()
+        self.size += size
+        return size
+
+    def flush(self) -> None:
+        self.file.flush()
+
+    def close(self, durable: bool) -> dict:
+        """Close (fsynced first when `durable`) and return the file's manifest entry."""
+        with self.file:
+            self.file.flush()
+            if durable:
+                os.fsync(self.file.fileno())
+        return {"size": self.size, "sha256": self.digest.hexdigest()}
+
+
+def _write_file(path: Path, content: Any, io_pool: ThreadPoolExecutor, durable: bool) -> dict:
+    """Write `content` (bytes as they are, anything else with torch.save) to `path`; its manifest entry."""
+    out = _HashingFile(path, io_pool)
+    try:
+        if isinstance(content, bytes):
+            out.write(content)
+        else:
+            torch.save(content, out)
+    except BaseException:
+        out.file.close()
+        raise
+    return out.close(durable)
+
+
+def fsync_directory(path: str | os.PathLike) -> None:
+    """Make the entries of directory `path` (files created or renamed in it) durable.
+
+    A filesystem that cannot sync a directory (EINVAL and the like, seen on some FUSE mounts) is
+    left as it is: its files were synced, and there is nothing more to ask of it.
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.ENOSYS, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+def write_manifest(directory: str | os.PathLike, files: dict[str, dict], durable: bool = True) -> None:
+    """Write `directory`'s manifest: the last file of a checkpoint, after every file it lists.
+
+    Written under a temporary name and renamed, so that manifest.json is whole or absent. With
+    `durable`, the caller has synced every listed file and directory already; the manifest is synced
+    before its rename, and the directory after it.
+    """
+    directory = Path(directory)
+    manifest = {"schema_version": SCHEMA_VERSION, "files": dict(sorted(files.items()))}
+    tmp = directory / MANIFEST_TMP
+    with open(tmp, "w") as f:
+        f.write(json.dumps(manifest, indent=1, sort_keys=True))
+        f.flush()
+        if durable:
+            os.fsync(f.fileno())
+    os.replace(tmp, directory / MANIFEST)
+    if durable:
+        fsync_directory(directory)
 
 
 def tensor_bytes(obj: Any) -> int:
@@ -139,65 +236,173 @@ def check_free_space(directory: Path, needed: int) -> None:
 
 
 def write_checkpoint(directory: str | os.PathLike, *, model: dict, optimizer: dict, scheduler: dict,
-                     state: dict, rank_states: dict[int, bytes]) -> Path:
-    """Write a complete checkpoint into `directory` (created) and return it.
+                     state: dict, rank_states: dict[int, bytes], durable: bool = True) -> Path:
+    """Write a complete checkpoint into `directory` (new or empty; created) and return it.
 
     `rank_states` holds each rank's serialized own state: its RNG (rng.capture) and anything else
     that differs per rank (the running train loss of the epoch). `state` is TrainState.state_dict().
-    The manifest is written last: a crash part-way leaves a directory that never verifies.
+    Each file is hashed as it is written. The manifest is written last: a crash part-way leaves a
+    directory that never verifies. `durable` (the default) fsyncs every file and directory before
+    the manifest, and the manifest after, so that no power loss leaves a manifest whose files did
+    not reach the disk; a staging directory that is copied elsewhere and deleted can do without.
     """
     directory = Path(directory)
+    if directory.is_dir() and any(directory.iterdir()):
+        raise CheckpointError(f"cannot write a checkpoint into {directory}: it is not empty (a checkpoint lists "
+                              f"every file of its directory). Remove it, or write into a new directory.")
     needed = (tensor_bytes(model) + tensor_bytes(optimizer) + tensor_bytes(scheduler)
               + sum(len(b) for b in rank_states.values()) + DISK_MARGIN_BYTES)
     check_free_space(directory, needed)
+    (directory / "rng").mkdir()
 
-    for file_name, obj in zip(TENSOR_FILES, (model, optimizer, scheduler)):
-        torch.save(obj, directory / file_name)
-    (directory / "rng").mkdir(exist_ok=True)
-    for rank, blob in sorted(rank_states.items()):
-        (directory / "rng" / f"rank_{rank:05d}.pt").write_bytes(blob)
+    contents: dict[str, Any] = dict(zip(TENSOR_FILES, (model, optimizer, scheduler)))
+    contents.update((rank_file(rank), bytes(blob)) for rank, blob in sorted(rank_states.items()))
     full_state = {"schema_version": SCHEMA_VERSION, **state}
-    (directory / STATE).write_text(json.dumps(full_state, indent=1, sort_keys=True))
-
-    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
-    manifest = {
-        "schema_version": SCHEMA_VERSION,
-        "files": {p.relative_to(directory).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
-                  for p in files},
-    }
-    tmp = directory / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
-    os.replace(tmp, directory / MANIFEST)
+    contents[STATE] = json.dumps(full_state, indent=1, sort_keys=True).encode()
+    # The tensor files are written side by side: SHA-256 is the bulk of the cost, and one file's
+    # hash cannot be spread over cores. Each file task waits on at most one chunk in `io_pool`.
+    with ThreadPoolExecutor(len(TENSOR_FILES)) as file_pool, ThreadPoolExecutor(len(TENSOR_FILES)) as io_pool:
+        pending = {name: file_pool.submit(_write_file, directory / name, content, io_pool, durable)
+                   for name, content in contents.items()}
+        files = {name: entry.result() for name, entry in pending.items()}
+    if durable:
+        fsync_directory(directory / "rng")
+        fsync_directory(directory)
+    write_manifest(directory, files, durable)
+    if durable:
+        fsync_directory(directory.resolve().parent)  # the checkpoint's own entry
     return directory
 
 
 # ----------------------------------------------------------------------------- verifying
-def verify_checkpoint(directory: str | os.PathLike) -> list[str]:
-    """Problems found in a local checkpoint directory; an empty list means it is valid."""
-    directory = Path(directory)
-    manifest_path = directory / MANIFEST
-    if not manifest_path.is_file():
-        return [f"{manifest_path} is missing (checkpoint incomplete)"]
+def rank_file(rank: int) -> str:
+    return f"rng/rank_{rank:05d}.pt"
+
+
+_RANK_FILE = re.compile(r"^rng/rank_(\d+)\.pt$")
+
+
+def rank_files(names: Iterable[str]) -> dict[int, str]:
+    """rank -> file, for the names among `names` that are rank files as `rank_file` spells them."""
+    ranks = {}
+    for name in names:
+        match = _RANK_FILE.match(name)
+        if match and name == rank_file(int(match.group(1))):
+            ranks[int(match.group(1))] = name
+    return ranks
+
+
+def _unusable_name(name: Any) -> Optional[str]:
+    """Why `name` cannot be a file of a checkpoint (a relative path inside it), or None."""
+    if not isinstance(name, str) or not name:
+        return "an empty name"
+    if "\\" in name or "\x00" in name:
+        return "a backslash or NUL in it"
+    if name.startswith("/"):
+        return "an absolute path"
+    parts = name.split("/")
+    if ".." in parts:
+        return "a '..' part"
+    if "." in parts or "" in parts:
+        return "an empty or '.' part"
+    if name in (MANIFEST, MANIFEST_TMP):
+        return "the manifest itself"
+    return None
+
+
+def _valid_entry(entry: Any) -> bool:
+    return (isinstance(entry, dict) and type(entry.get("size")) is int and entry["size"] >= 0
+            and isinstance(entry.get("sha256"), str) and re.fullmatch(r"[0-9a-f]{64}", entry["sha256"]) is not None)
+
+
+def parse_manifest(text: str | bytes, manifest_path: str) -> tuple[Optional[dict[str, dict]], list[str]]:
+    """(the entries that are safe to use, problems) of a manifest's text; (None, problems) when it
+    cannot be read at all. Every entry must be a relative path inside the checkpoint."""
     try:
-        manifest = json.loads(manifest_path.read_text())
-        files = manifest["files"]
+        files = json.loads(text)["files"]
+        if not isinstance(files, dict):
+            raise TypeError(f"'files' is a {type(files).__name__}, not a mapping")
     except (ValueError, KeyError, TypeError) as exc:
-        return [f"{manifest_path} is unreadable: {exc}"]
-    problems = []
+        return None, [f"{manifest_path} is unreadable: {exc!r}"]
+    usable, problems = {}, []
+    for name, entry in files.items():
+        reason = _unusable_name(name)
+        if reason:
+            problems.append(f"{manifest_path} lists {name!r}, which is not a relative path inside the checkpoint "
+                            f"({reason}): the manifest was altered, use another checkpoint")
+        elif not _valid_entry(entry):
+            problems.append(f"{manifest_path} gives no valid size and SHA-256 for {name!r}: the manifest was altered, "
+                            f"use another checkpoint")
+        else:
+            usable[name] = entry
     for required in (*TENSOR_FILES, STATE):
         if required not in files:
             problems.append(f"{manifest_path} does not list {required}")
-    if not any(name.startswith("rng/") for name in files):
-        problems.append(f"{manifest_path} lists no rng/rank_*.pt file")
+    if not rank_files(files):
+        problems.append(f"{manifest_path} lists no rng/rank_NNNNN.pt file")
+    return usable, problems
+
+
+def listing_problems(files: dict[str, dict], present: dict[str, Optional[int]], where: str,
+                     manifest_path: str) -> list[str]:
+    """Every listed file present with its listed size, and nothing unlisted. `present` maps each
+    entry found in the checkpoint directory `where` (relative name) to its size, None where it is
+    not a regular file (a link, a device)."""
+    problems = []
     for name, expected in sorted(files.items()):
-        path = directory / name
-        if not path.is_file():
+        path = f"{where}/{name}"
+        if name not in present:
             problems.append(f"{path} is missing")
-        elif path.stat().st_size != expected["size"]:
-            problems.append(f"{path} has {path.stat().st_size} bytes, manifest says {expected['size']} (truncated?)")
-        elif _sha256(path) != expected["sha256"]:
-            problems.append(f"{path} does not match its SHA-256 in the manifest (corrupted)")
+        elif present[name] is None:
+            problems.append(f"{path} is not a regular file (a link?); the manifest lists a file there")
+        elif present[name] != expected["size"]:
+            problems.append(f"{path} has {present[name]} bytes, manifest says {expected['size']} (truncated?)")
+    for name in sorted(set(present) - set(files) - {MANIFEST, MANIFEST_TMP}):
+        # .nfsXXXX: what NFS leaves of a file deleted while open; never read
+        if not name.rsplit("/", 1)[-1].startswith(".nfs"):
+            problems.append(f"{where}/{name} is not listed in {manifest_path} (not written with this checkpoint): "
+                            f"remove it, or use another checkpoint")
     return problems
+
+
+def _local_entries(directory: Path) -> dict[str, Optional[int]]:
+    """Everything under `directory` but directories: relative name -> size (None: not a regular
+    file). Links are not followed, so nothing outside the directory is looked at."""
+    entries = {}
+    for root, dirs, names in os.walk(directory):
+        for name in names + [d for d in dirs if os.path.islink(os.path.join(root, d))]:
+            path = os.path.join(root, name)
+            info = os.lstat(path)
+            entries[Path(path).relative_to(directory).as_posix()] = info.st_size if stat.S_ISREG(info.st_mode) else None
+    return entries
+
+
+def _check(directory: Path, hashes: bool) -> tuple[dict[str, dict], list[str]]:
+    """(the manifest's usable entries, problems) of a local checkpoint directory."""
+    manifest_path = directory / MANIFEST
+    if not manifest_path.is_file():
+        return {}, [f"{manifest_path} is missing (checkpoint incomplete)"]
+    try:
+        text = manifest_path.read_bytes()
+    except OSError as exc:
+        return {}, [f"{manifest_path} cannot be read: {exc}"]
+    files, problems = parse_manifest(text, str(manifest_path))
+    if files is None:
+        return {}, problems
+    present = _local_entries(directory)
+    problems += listing_problems(files, present, str(directory), str(manifest_path))
+    if hashes:
+        for name, expected in sorted(files.items()):
+            if present.get(name) == expected["size"] and _sha256(directory / name) != expected["sha256"]:
+                problems.append(f"{directory / name} does not match its SHA-256 in the manifest (corrupted)")
+    return files, problems
+
+
+def verify_checkpoint(directory: str | os.PathLike, *, hashes: bool = True) -> list[str]:
+    """Problems found in a local checkpoint directory; an empty list means it is valid: its manifest
+    lists relative paths inside it only, every listed file is there with its size and SHA-256, and
+    nothing else is. `hashes=False` checks all of that but the SHA-256 (reads no file but the manifest)."""
+    return _check(Path(directory), hashes)[1]
 
 
 # ----------------------------------------------------------------------------- loading
@@ -219,10 +424,15 @@ def read_state(directory: str | os.PathLike) -> dict:
     return json.loads((Path(directory) / STATE).read_text())
 
 
-def load_checkpoint(directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> LoadedCheckpoint:
-    """Verify, then load a local checkpoint directory. Raises CheckpointError if it is not valid."""
+def load_checkpoint(directory: str | os.PathLike, map_location: str | torch.device = "cpu", *,
+                    verified: bool = False) -> LoadedCheckpoint:
+    """Verify, then load a local checkpoint directory. Raises CheckpointError if it is not valid.
+
+    `verified=True`: the caller has just verified this directory (verify_checkpoint found nothing),
+    so its files are not hashed again, only checked against the manifest's list and sizes.
+    """
     directory = Path(directory)
-    problems = verify_checkpoint(directory)
+    files, problems = _check(directory, hashes=not verified)
     if problems:
         raise CheckpointError(f"checkpoint {directory} does not verify: " + "; ".join(problems))
     state = read_state(directory)
@@ -231,22 +441,9 @@ def load_checkpoint(directory: str | os.PathLike, map_location: str | torch.devi
             f"checkpoint {directory} has schema_version {state.get('schema_version')}, this cape-ray "
             f"reads {SCHEMA_VERSION}; use the cape-ray version that wrote it")
     load = lambda p: torch.load(p, map_location=map_location, weights_only=True)  # noqa: E731
-    rng = {int(p.stem.split("_")[1]): torch.load(p, weights_only=True)
-           for p in sorted((directory / "rng").glob("rank_*.pt"))}
+    rng = {rank: torch.load(directory / name, weights_only=True) for rank, name in sorted(rank_files(files).items())}
     return LoadedCheckpoint(str(directory), load(directory / "model.pt"), load(directory / "optimizer.pt"),
                             load(directory / "scheduler.pt"), state, rng)
-
-
-def check_compatible(state: dict, config: TrainConfig, path: str) -> None:
-    """A clear error instead of a shape-mismatch traceback when the model would not fit: the
-    checkpoint's model spec (builder and arguments) against `config`'s (identity.py)."""
-    from cape_ray.identity import compare
-
-    diffs = [d for d in compare(state["config"], state.get("model"), config).math if d.field.startswith("model")]
-    if diffs:
-        raise CheckpointError(
-            f"checkpoint {path} was written with another model ({'; '.join(d.line() for d in diffs)}). "
-            f"Resume with the same model flags, or start a new run with another --name.")
 
 
 def check_model_shapes(saved: dict, expected: dict, path: str) -> None:

@@ -136,7 +136,11 @@ class TrainConfig:
             if not cond:
                 raise ConfigError(f"--{flag}: {msg}")
 
-        need(bool(self.name) and "/" not in self.name, "name", f"must be a non-empty name without '/', got {self.name!r}")
+        need(isinstance(self.name, str) and bool(self.name.strip()) and self.name == self.name.strip()
+             and self.name not in (".", "..") and not any(c in self.name for c in "/\\")
+             and all(c.isprintable() for c in self.name), "name",
+             f"must be a directory name: not empty, not '.' or '..', without '/', '\\', surrounding spaces or "
+             f"control characters, got {self.name!r}")
         need(bool(self.storage_path), "storage_path", "must not be empty")
         for flag in ("epochs", "episodes_per_epoch", "batch_size", "accumulation_steps",
                      "num_queries_per_episode", "val_episodes", "val_queries_per_episode",
@@ -260,7 +264,87 @@ class TrainConfig:
             raise ConfigError(f"unknown config keys {unknown}; known keys: {sorted(known)}")
         return cls(**data)
 
+    def to_yaml(self) -> str:
+        """The resolved config as YAML (`--config` reads it back: the same run)."""
+        import yaml
+
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False)
+
     def replace(self, **changes: Any) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
 
 
+
+
+# ----------------------------------------------------------------------------- config files
+def field_types() -> dict[str, type]:
+    """Each field's type, Optional[...] unwrapped (str, int, float, bool or dict)."""
+    import typing
+
+    hints = typing.get_type_hints(TrainConfig)
+    result = {}
+    for f in fields(TrainConfig):
+        args = [a for a in typing.get_args(hints[f.name]) if a is not type(None)]
+        result[f.name] = args[0] if args else hints[f.name]
+    return result
+
+
+TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false", dict: "a mapping"}
+
+
+def checked_value(key: str, value: Any, kind: type, source: str) -> Any:
+    """`value` as a `kind` field takes it, or ConfigError naming the key and the expected type."""
+    optional = TrainConfig.__dataclass_fields__[key].default is None
+    if value is None and optional:
+        return None
+    if key == "tracker" and isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return ",".join(value)  # a list of trackers
+    if key == "num_workers" and isinstance(value, int) and not isinstance(value, bool):
+        return str(value)  # num_workers: 2 in YAML
+    if kind is float and isinstance(value, str):
+        try:  # YAML 1.1 reads 1e-3 (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
+    ok = (isinstance(value, bool) if kind is bool
+          else isinstance(value, int) and not isinstance(value, bool) if kind is int
+          else isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float
+          else isinstance(value, kind))
+    if not ok:
+        raise ConfigError(f"{source}: {key}: expected {TYPE_NAMES.get(kind, kind.__name__)}"
+                          f"{' or null' if optional else ''}, got {value!r} ({type(value).__name__})")
+    return float(value) if kind is float else value
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    """The training settings of a YAML file (`--config`): every key a TrainConfig field, every value
+    of its type. An unknown key names the closest valid one; a wrong type names the expected one."""
+    import difflib
+
+    import yaml
+
+    try:
+        with open(os.path.expanduser(path)) as handle:
+            data = yaml.safe_load(handle)
+    except OSError as exc:
+        raise ConfigError(f"--config {path}: cannot be read ({exc.strerror or exc})") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ConfigError(f"--config {path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of settings (key: value lines), got {type(data).__name__}")
+    types = field_types()
+    values = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name == "output_dir":
+            name = "storage_path"
+        if name not in types:
+            close = difflib.get_close_matches(name, list(types), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys are those of `cape-ray train --help`"
+            raise ConfigError(f"--config {path}: unknown key {key!r}{hint}")
+        values[name] = checked_value(name, value, types[name], f"--config {path}")
+    return values

@@ -21,7 +21,7 @@ import logging
 import sys
 import threading
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 from cape_ray import determinism
 
@@ -172,6 +172,11 @@ def resume_banner(restored, state, resumed, world_size: int) -> str:
                      f"precedence (start a new --name to begin from that path)")
     if restored.layout_note:
         lines.append(f"  ! {restored.layout_note}")
+    comparison = restored.comparison
+    for difference in comparison.math:
+        lines.append(f"  ! --force: {difference.line()} (changes the run's math; recorded in its history)")
+    for difference in comparison.other:
+        lines.append(f"  ! {difference.line()} (does not change the run's math)")
     where = f"epoch {position.epoch + 1}"
     if position.mid_epoch:
         where += f", after step {position.step} of it"
@@ -187,6 +192,10 @@ def resume_banner(restored, state, resumed, world_size: int) -> str:
         at = "" if tracker.best_epoch is None else f" (epoch {tracker.best_epoch})"
         lines.append(f"  {mark(True)} {label} restored: {value(tracker.best)}{at}")
     lines.append(f"  {mark(True)} Epochs without improvement: {tracking.early_stopping.epochs_without_improvement}")
+    if state.config.precision == "fp16":
+        scaler = state.grad_scaler or {}
+        lines.append(f"  {mark(bool(scaler))} fp16 gradient scaler restored: scale {scaler.get('scale', '?')}, "
+                     f"{scaler.get('_growth_tracker', '?')} steps since it last changed")
     ranks = f"{world_size} rank{'s' * (world_size > 1)}, each its own"
     if resumed.rng is None:
         lines.append(f"  {mark(False)} {resumed.reseeded}")
@@ -247,13 +256,19 @@ class Console:
         if self.enabled:
             self._write(message + "\n")
 
-    def startup(self, restored, state, resumed, tidy, world_size: int) -> None:
-        """The banner of a resumed run (a start line for a fresh one) and what the start-up tidying did."""
+    def startup(self, restored, state, resumed, tidy, world_size: int, notes: Sequence[str] = ()) -> None:
+        """The banner of a resumed run (a start line for a fresh one), `notes` (pretrained weights,
+        the LR schedule of an extended run) and what the start-up tidying did."""
         if restored is not None:
             self.say(resume_banner(restored, state, resumed, world_size))
         else:
-            self.say(f"training on {state.device}, {world_size} worker{'s' * (world_size > 1)}: "
+            model = state.model or {}
+            self.say(f"training {model.get('builder', '?')} ({model.get('parameters', 0):,} parameters, "
+                     f"{model.get('trainable_parameters', 0):,} trained, {state.config.precision}) on {state.device}, "
+                     f"{world_size} worker{'s' * (world_size > 1)}: "
                      f"{determinism.describe(state.device, state.deterministic)}")
+        for note in notes:
+            self.say(note)
         if tidy.removed_orphans:
             self.say(f"removed {len(tidy.removed_orphans)} checkpoint dir(s) that Ray never registered (a report "
                      f"lost in a crash; redone now): {', '.join(tidy.removed_orphans)}")

@@ -4,7 +4,9 @@ CPU kernels are deterministic already. On CUDA some are not (atomic adds in back
 cuDNN's algorithm choice, cuBLAS's split reductions), so two GPU runs with the same seed drift apart
 at rounding level from the first step, and a resumed run cannot be bitwise equal to an uninterrupted
 one. Deterministic mode makes every CUDA kernel deterministic or raises on one that has no
-deterministic implementation; the model is built from ops that all have one (see model/cape.py).
+deterministic implementation; the models are built from ops that all have one (model/layers.py), and
+a timm backbone's fused attention (scaled_dot_product_attention, whose fused CUDA backward kernels
+are not deterministic) is switched to its plain matmul-softmax path (`prepare_model`).
 
 `--deterministic` / `--no-deterministic`; unset, it is on when the run trains on a GPU.
 """
@@ -39,15 +41,32 @@ def algorithms(enforced: bool) -> Iterator[None]:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE_CONFIG)
     previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
                 torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
-    torch.use_deterministic_algorithms(enforced)
+    # Only a change is made: torch's switch imports its compiler stack (about a second of a
+    # restart, for a CPU run that changes nothing).
+    changed = enforced != previous[0]
+    if changed:
+        torch.use_deterministic_algorithms(enforced)
     if enforced:
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False  # benchmarking picks algorithms by timing: run-dependent
     try:
         yield
     finally:
-        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+        if changed:
+            torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = previous[2], previous[3]
+
+
+def prepare_model(model: torch.nn.Module, enforced: bool) -> int:
+    """In deterministic mode, turn off fused attention in every module that has the switch (timm's
+    attention blocks: `fused_attn`); the math is the same, computed step by step. Returns how many."""
+    switched = 0
+    if enforced:
+        for module in model.modules():
+            if getattr(module, "fused_attn", False):
+                module.fused_attn = False
+                switched += 1
+    return switched
 
 
 def describe(device_type: str, enforced: bool) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+from fractions import Fraction
 from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
@@ -83,25 +84,82 @@ def compute_loss(model: torch.nn.Module, batch) -> tuple[torch.Tensor, torch.Ten
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler,
-               micro_batches: Sequence, grad_clip: float) -> torch.Tensor:
+               micro_batches: Sequence, grad_clip: float, amp: Optional["MixedPrecision"] = None) -> torch.Tensor:
     """One optimizer step over `micro_batches` (gradient accumulation; a DDP model averages
     gradients on the last micro-batch only). Returns the micro-batch losses, detached, on the model's
-    device: reading them is left to the caller, so a GPU step needs no host synchronisation."""
+    device: reading them is left to the caller, so a GPU step needs no host synchronisation.
+
+    `amp` runs the forward pass under autocast (--precision); fp16 scales the loss and skips a step
+    whose gradients overflowed, as torch.amp.GradScaler does. `scheduler` (optional) is stepped
+    once; the training loop sets its schedule from the position instead (see LrSchedule).
+    """
+    amp = amp or FP32
     losses = []
     for index, batch in enumerate(micro_batches):
         last = index == len(micro_batches) - 1
         sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
         with sync:
-            loss, _ = compute_loss(model, batch)
-            (loss / len(micro_batches)).backward()
+            with amp.autocast(model_device(model)):
+                loss, _ = compute_loss(model, batch)
+            amp.scale(loss / len(micro_batches)).backward()
         losses.append(loss.detach())
+    amp.unscale(optimizer)
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
+    amp.step(optimizer)
     if scheduler is not None:
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return torch.stack(losses)
+
+
+# ---------------------------------------------------------------------------------- precision
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class MixedPrecision:
+    """--precision: fp32, or autocast in bf16 / fp16 for the forward pass (the loss is computed in
+    float32 either way). fp16's narrow range needs a gradient scaler; its state (scale, steps since
+    the last overflow) is part of the training state: checkpointed and restored, so a resumed run
+    scales exactly as one that never stopped. bf16 has fp32's range and needs none."""
+
+    def __init__(self, precision: str = "fp32", device_type: str = "cpu"):
+        if precision not in ("fp32", *AUTOCAST_DTYPES):
+            raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
+        self.precision = precision
+        self.scaler = torch.amp.GradScaler(device_type) if precision == "fp16" else None
+
+    def autocast(self, device: torch.device):
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(torch.device(device).type, dtype=AUTOCAST_DTYPES[self.precision])
+
+    def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        return self.scaler.scale(loss) if self.scaler is not None else loss
+
+    def unscale(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.scaler is not None:  # before clipping: the clip threshold is in true gradient units
+            self.scaler.unscale_(optimizer)
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.scaler is None:
+            optimizer.step()
+        else:
+            self.scaler.step(optimizer)
+            self.scaler.update()
+
+    def state_dict(self) -> Optional[dict]:
+        """The scaler's state (primitives only), or None without one."""
+        if self.scaler is None:
+            return None
+        return {k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in self.scaler.state_dict().items()}
+
+    def load_state_dict(self, state: Optional[dict]) -> None:
+        if self.scaler is not None and state:
+            self.scaler.load_state_dict(dict(state))
+
+
+FP32 = MixedPrecision("fp32")
 
 
 # ---------------------------------------------------------------------------------- evaluation
@@ -242,9 +300,14 @@ def by_category(episodes: Sequence[Episode]) -> Iterator[tuple[int, list[Episode
 
 @torch.inference_mode()
 def predict_batch(model: torch.nn.Module, split: PreparedSplit, episodes: Sequence[Episode],
-                  bank: Optional[FeatureBank] = None):
+                  bank: Optional[FeatureBank] = None, amp: Optional["MixedPrecision"] = None):
     """(batch, tensors on the model's device, coords [L, B, Q, K, 2], similarity logits) for episodes
     of one category: from the bank's features, or encoding the batch's images."""
+    with (amp or FP32).autocast(model_device(model)):
+        return _predict_batch(model, split, episodes, bank)
+
+
+def _predict_batch(model, split, episodes, bank):
     batch = collate(split, episodes, images=bank is None)
     tensors = batch_tensors(batch, model_device(model))
     if bank is None:
@@ -266,7 +329,8 @@ def predict_batch(model: torch.nn.Module, split: PreparedSplit, episodes: Sequen
 
 def evaluate_episodes(model: torch.nn.Module, split: PreparedSplit, episodes: Sequence[Episode],
                       batch_size: int, *, feature_bank: bool = True, with_loss: bool = False,
-                      progress: Optional[Callable[[int, int, int], None]] = None) -> dict[int, dict[str, float]]:
+                      progress: Optional[Callable[[int, int, int], None]] = None,
+                      amp: Optional["MixedPrecision"] = None) -> dict[int, dict[str, float]]:
     """The fixed-episode evaluation loop (validation, `cape-ray evaluate`, the benchmarks): sums per
     category (`output_sums` keys plus `episodes`). The model is put in eval mode and its mode restored.
 
@@ -279,10 +343,10 @@ def evaluate_episodes(model: torch.nn.Module, split: PreparedSplit, episodes: Se
     try:
         for done, (category_id, category_episodes) in enumerate(runs, start=1):
             total = sums.setdefault(category_id, {"episodes": 0.0})
-            with torch.inference_mode():
+            with torch.inference_mode(), (amp or FP32).autocast(model_device(model)):
                 bank = FeatureBank.for_category(model, split, category_id, category_episodes) if feature_bank else None
             for batch_episodes in category_batches(category_episodes, batch_size):
-                _, tensors, coords, logits = predict_batch(model, split, batch_episodes, bank)
+                _, tensors, coords, logits = predict_batch(model, split, batch_episodes, bank, amp)
                 add_sums(total, output_sums(coords, logits if with_loss else None, tensors))
                 total["episodes"] += len(batch_episodes)
             if progress is not None:
@@ -337,7 +401,7 @@ def build_optimizer(model: torch.nn.Module, config) -> torch.optim.AdamW:
     return torch.optim.AdamW(param_groups, lr=config.lr)
 
 
-def lr_factor(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
+def lr_factor(step: float, warmup_steps: int, total_steps: float, min_lr_ratio: float) -> float:
     """Linear warmup to 1 over `warmup_steps`, then cosine down to `min_lr_ratio` at `total_steps`."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
@@ -345,12 +409,82 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: floa
     return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, config, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Per-optimizer-step schedule. The lambda is a plain function, which LambdaLR does not save:
-    state_dict() holds only primitives, and a fresh instance + load_state_dict gives the same LR."""
-    warmup, ratio = config.warmup_steps, config.min_lr_ratio
+class LrSchedule:
+    """The learning rate as a function of how far training has come, not of a step counter.
 
-    def factor(step: int) -> float:
-        return lr_factor(step, warmup, total_steps, ratio)
+    Progress is counted in reference steps: optimizer steps of the layout the run began with, i.e.
+    `steps_per_epoch` per epoch. The training loop sets it from its position (`set_position`): a run
+    whose episodes per optimizer step change (another world size, see checkpointer.plan_layout) has
+    the same LR as one that never changed at the same episode count. Warmup over `warmup_steps`
+    reference steps, then cosine to `min_lr_ratio` at the end of the planned `epochs`; past them the
+    LR stays at the floor (a run extended with --lr_schedule keep) unless the plan is re-made for
+    more epochs (--lr_schedule extend: `replan`).
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    state_dict() holds the plan and the progress (primitives); the base LRs come from the optimizer
+    as built from the config, so a forced change of --lr applies from the resume on.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, *, steps_per_epoch: int, epochs: int, warmup_steps: int,
+                 min_lr_ratio: float):
+        self.optimizer = optimizer
+        self.base_lrs = [group["lr"] for group in optimizer.param_groups]
+        self.steps_per_epoch, self.epochs = int(steps_per_epoch), int(epochs)
+        self.warmup_steps, self.min_lr_ratio = int(warmup_steps), float(min_lr_ratio)
+        self.progress = 0.0
+        self.set_progress(0.0)
+
+    @classmethod
+    def for_config(cls, optimizer: torch.optim.Optimizer, config, steps_per_epoch: int) -> "LrSchedule":
+        return cls(optimizer, steps_per_epoch=steps_per_epoch, epochs=config.epochs, warmup_steps=config.warmup_steps,
+                   min_lr_ratio=config.min_lr_ratio)
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.epochs
+
+    def factor(self, progress: float) -> float:
+        return lr_factor(progress, self.warmup_steps, self.total_steps, self.min_lr_ratio)
+
+    def set_progress(self, progress: float) -> None:
+        self.progress = float(progress)
+        factor = self.factor(self.progress)
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base * factor
+
+    def reference_steps(self, epoch: int, episode: int, trained_episodes_per_epoch: int) -> float:
+        """Progress at `episode` episodes into `epoch`, where an epoch trains
+        `trained_episodes_per_epoch` episodes (exact for the run's first layout)."""
+        return float(epoch * self.steps_per_epoch
+                     + Fraction(episode * self.steps_per_epoch, trained_episodes_per_epoch))
+
+    def set_position(self, epoch: int, episode: int, trained_episodes_per_epoch: int) -> None:
+        self.set_progress(self.reference_steps(epoch, episode, trained_episodes_per_epoch))
+
+    def step(self) -> None:
+        """One reference step (for loops that count steps themselves)."""
+        self.set_progress(self.progress + 1)
+
+    def replan(self, epochs: int) -> None:
+        """Plan the cosine over `epochs` from the start, keeping the progress (--lr_schedule extend)."""
+        self.epochs = int(epochs)
+        self.set_progress(self.progress)
+
+    def get_last_lr(self) -> list[float]:
+        return [group["lr"] for group in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict:
+        """The plan and the progress; `last_epoch` and `_last_lr` as torch's schedulers name them (the
+        original pipeline's `lr_scheduler`, see original_format.py), for tools that read those."""
+        return {"steps_per_epoch": self.steps_per_epoch, "epochs": self.epochs, "progress": self.progress,
+                "last_epoch": int(self.progress) if self.progress.is_integer() else self.progress,
+                "_last_lr": self.get_last_lr()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps_per_epoch, self.epochs = int(state["steps_per_epoch"]), int(state["epochs"])
+        self.set_progress(float(state["progress"]))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, config, total_steps: int) -> LrSchedule:
+    """A schedule of `total_steps` optimizer steps counted by `step()` (benchmarks and tests)."""
+    return LrSchedule(optimizer, steps_per_epoch=total_steps, epochs=1, warmup_steps=config.warmup_steps,
+                      min_lr_ratio=config.min_lr_ratio)

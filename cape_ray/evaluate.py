@@ -76,9 +76,25 @@ def default_batch_size(device: torch.device | str) -> int:
 
 
 # ----------------------------------------------------------------------------- checkpoint and data
+def expand_pattern(path: str) -> str:
+    """A local checkpoint path with `*` (e.g. runs/demo/checkpoint_best_pck_*, where the best
+    export's name holds its epoch and scores) that matches exactly one directory: that directory.
+    A shell expands such a path itself, but not inside `--checkpoints 1=...`."""
+    if "*" not in path or "://" in path or os.path.exists(path):
+        return path
+    import glob
+
+    matches = sorted(glob.glob(os.path.expanduser(path)))
+    if len(matches) != 1:
+        raise EvaluationError(f"{path} matches {len(matches)} checkpoints{': ' + ', '.join(matches) if matches else ''}; "
+                              f"name one")
+    return matches[0]
+
+
 def fetch_checkpoint(uri: str, scratch: str) -> str:
     """A verified local copy of the checkpoint at `uri` (local path or URI); raises EvaluationError
     naming every problem when its manifest does not verify."""
+    uri = expand_pattern(uri)
     fs, path = storage.resolve(uri)
     if not storage.exists(fs, path):
         raise EvaluationError(f"no checkpoint at {uri}")
@@ -161,7 +177,7 @@ def setup(checkpoint: str, split: str = "test", *, data_root: Optional[str] = No
         raise EvaluationError("--device cuda: no CUDA device is available here; use --device cpu")
     with tempfile.TemporaryDirectory(prefix="cape_ray_eval_") as scratch:
         local = fetch_checkpoint(checkpoint, scratch)
-        loaded = ckpt.load_checkpoint(local, map_location="cpu")
+        loaded = ckpt.load_checkpoint(local, map_location="cpu", verified=True)  # fetch_checkpoint verified it
     config = evaluation_config(loaded.state["config"], data_root=data_root, mp100_split=mp100_split,
                                num_shots=num_shots, data=data)
     model = model_from_record(loaded.state, checkpoint)
@@ -224,7 +240,8 @@ def summarize(sums_by_category: dict[int, dict[str, float]], split: PreparedSpli
     for category_id, sums in sums_by_category.items():
         category = split.categories[category_id]
         rows.append({"id": int(category_id), "name": category.name, "keypoints": category.num_keypoints,
-                     "episodes": int(sums["episodes"]), **metrics_of(sums)})
+                     "instances": len(split.rows_by_category[category_id]), "episodes": int(sums["episodes"]),
+                     **metrics_of(sums)})
     total: dict[str, float] = {}
     for sums in sums_by_category.values():
         engine.add_sums(total, sums)

@@ -1,18 +1,22 @@
-"""Run history: every report of a run in `{storage}/{name}/metrics.jsonl`, and TensorBoard events.
+"""Run history: every report of a run, as JSON lines in the run directory, and the trackers fed from it.
 
-`RunHistory` is a controller-side `ray.train.UserCallback`. For every report it appends one JSON
-line (rank 0's metrics, which are the checkpoint's) and writes the scalars to TensorBoard event
-files under `{storage}/{name}/tensorboard/`. The file is only ever appended to:
+`RunHistory` is a controller-side `ray.train.UserCallback`. For every report (rank 0's metrics,
+which are the checkpoint's, seen after Ray registered the checkpoint) it writes one JSON line, then
+hands the report to the run's trackers (trackers.py: TensorBoard, MLflow, W&B):
 
+    {"event": "start", "time": ..., "epochs": 30, "trackers": ["tensorboard"], "host": ..., "pid": ...}
     {"event": "report", "time": ..., "attempt": 1, "checkpoint": "checkpoint_e001_...", "workers": 2,
      "epoch": 1, "step": 4, "global_step": 4, "validated": 1, "train_loss": ..., "val_loss": ...,
      "val_pck": ..., "pck@0.05": ..., ..., "mpck": ..., "lr": ..., "epoch_time_s": ..., ...}
     {"event": "failure", "time": ..., "attempt": 1, "ranks": [1], "error": "ActorDiedError: ..."}
     {"event": "restart", "time": ..., "attempt": 2, "reason": "worker_failure",
      "resumed_from": "checkpoint_e002_..._s000002", "previous_global_step": 6, "global_step": 8}
+    {"event": "end", "time": ..., "status": "finished", "epoch": 30}
 
-A report line is the history's own fields (event, time, attempt, checkpoint, workers) and rank 0's
-metrics; a reported key that collides with one of those fields is kept as `metric_<key>`.
+"start" and "end" are written by the driver (job.py) around `fit()`: "end" says how the run ended
+(finished, failed with its error, or interrupted), which is what `cape-ray runs` reads. A report
+line is the history's own fields (event, time, attempt, checkpoint, workers) and rank 0's metrics;
+a reported key that collides with one of those fields is kept as `metric_<key>`.
 
 Attempts count every start of training in this run directory: 1 for the first, +1 for each
 worker-group restart within a `fit()` and for each driver rerun with the same name and storage.
@@ -21,19 +25,22 @@ A restart is recognised when
   reports: the controller may show the same failure to several status polls), the "restart" line
   with the first report of the next attempt (a run that gives up records no restart that never
   happened);
-- a new callback object (a driver rerun) finds an existing metrics.jsonl: it continues its attempt
-  count;
+- a new callback object (a driver rerun) finds reports in the history: it continues their count;
 - the reported global step does not advance, or the number of workers changes (an elastic resize
   restarts the group without an exception).
 `resumed_from` is the newest checkpoint recorded before the restart: the one Ray hands to the new
 workers (the worker falls back to an earlier one, and says so in its log, if it does not verify).
 Several lines may then carry the same epoch; the last one of an epoch is the one that counts.
 
-Storage goes through pyarrow, so `s3://...` works like a local path: a local file is appended to,
-an object store file is read and rewritten (fine for a file of one line per report). TensorBoard
-files are written locally and copied to an object store after every report. A resumed attempt's
-event file starts with a purge at its first step, which hides the previous attempt's events from
-that step on (they are redone). Recording never raises into the controller: a failure is logged.
+Layout. Storage goes through pyarrow, so `s3://...` works like a local path, but object stores
+cannot append, and rewriting one growing file costs the whole file per report. So:
+- a local or NFS run directory has one `metrics.jsonl`, only ever appended to;
+- an object store gets `metrics/000001.jsonl`, `metrics/000002.jsonl`, ...: segments of at most
+  SEGMENT_RECORDS lines, the open one rewritten (one PUT of at most that many lines) per write.
+  Concatenated in order they are the metrics.jsonl; a new writer (a rerun) starts a new segment.
+`read_history` returns the same records for both (and reads an older run's single file first).
+Recording never raises into the controller: a failure is logged. Nothing is written once the
+driver's lease claim is no longer live (its `Fence`, cape_ray/lease.py).
 """
 
 from __future__ import annotations
@@ -42,35 +49,28 @@ import json
 import logging
 import math
 import os
-import shutil
-import tempfile
+import socket
 import time
 from pathlib import Path
 from typing import Any, Optional
 
 import pyarrow.fs as pafs
+from ray.exceptions import RayActorError
 from ray.train import Checkpoint, UserCallback
 
-from cape_ray import storage
+from cape_ray import storage, trackers as tracking
 from cape_ray.console import find_relay
+from cape_ray.lease import Fence
 
 log = logging.getLogger("cape_ray")
 
 METRICS_FILE = "metrics.jsonl"
-TENSORBOARD_DIR = "tensorboard"
-
-# TensorBoard tags of the known report keys; any other number goes under report/<key>
-TAGS = {
-    "train_loss": "train/loss",
-    "lr": "train/lr",
-    "val_loss": "val/loss",
-    "val_pck": "val/pck_0.20",  # TensorBoard allows no '@' in tags
-    "mpck": "val/mpck",
-    "epoch": "progress/epoch",
-    "epoch_time_s": "time/epoch_s",
-}
-VALIDATION_KEYS = ("val_loss", "val_pck", "mpck", "best_val_loss", "best_val_pck")
-SKIPPED_TAGS = ("step", "global_step", "validated")
+SEGMENTS_DIR = "metrics"  # object stores: metrics/NNNNNN.jsonl
+SEGMENT_RECORDS = 32  # lines per segment: bounds what one report rewrites
+TAIL_BYTES = 64 << 10  # what `read_tail` reads of a local metrics.jsonl
+HISTORY_FIELDS = tracking.HISTORY_FIELDS
+TENSORBOARD_DIR = tracking.TENSORBOARD_DIR
+tensorboard_scalars = tracking.tensorboard_scalars
 
 
 # ----------------------------------------------------------------------------- storage helpers
@@ -91,18 +91,6 @@ def _read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
         return stream.read()
 
 
-def _append(fs: pafs.FileSystem, path: str, data: bytes) -> None:
-    """Append to a local file; read + rewrite on a filesystem that cannot append (object stores)."""
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    if isinstance(fs, pafs.LocalFileSystem):
-        with fs.open_append_stream(path) as stream:
-            stream.write(data)
-        return
-    existing = _read_bytes(fs, path)
-    with fs.open_output_stream(path) as stream:
-        stream.write(existing + data)
-
-
 def parse_lines(data: bytes) -> list[dict]:
     """JSON objects of a metrics.jsonl; a line cut short by a crash is skipped, not fatal."""
     records = []
@@ -120,13 +108,57 @@ def parse_lines(data: bytes) -> list[dict]:
     return records
 
 
+def segment_paths(fs: pafs.FileSystem, run_dir: str) -> list[str]:
+    """The object-store segments of a run's history, in order (empty for a local run)."""
+    infos = fs.get_file_info(pafs.FileSelector(f"{run_dir.rstrip('/')}/{SEGMENTS_DIR}", allow_not_found=True))
+    numbered = []
+    for info in infos:
+        stem, _, ext = info.base_name.partition(".")
+        if info.type == pafs.FileType.File and ext == "jsonl" and stem.isdigit():
+            numbered.append((int(stem), info.path))
+    return [path for _, path in sorted(numbered)]
+
+
+def read_records(fs: pafs.FileSystem, run_dir: str) -> list[dict]:
+    """Every record of a run's history: metrics.jsonl, then the segments (if any), in order."""
+    run_dir = run_dir.rstrip("/")
+    records = parse_lines(_read_bytes(fs, f"{run_dir}/{METRICS_FILE}"))
+    for path in segment_paths(fs, run_dir):
+        records += parse_lines(_read_bytes(fs, path))
+    return records
+
+
+def has_history(fs: pafs.FileSystem, run_dir: str) -> bool:
+    run_dir = run_dir.rstrip("/")
+    return storage.exists(fs, f"{run_dir}/{METRICS_FILE}") or bool(segment_paths(fs, run_dir))
+
+
 def read_history(run_dir: str) -> list[dict]:
-    """Every record of `run_dir`/metrics.jsonl (local path or URI), in file order."""
+    """Every record of `run_dir`'s history (local path or URI), in order, whatever its layout."""
     fs, path = storage.resolve(run_dir)
-    target = f"{path.rstrip('/')}/{METRICS_FILE}"
-    if not storage.exists(fs, target):
-        raise FileNotFoundError(f"no {METRICS_FILE} in {run_dir}")
-    return parse_lines(_read_bytes(fs, target))
+    if not has_history(fs, path):
+        raise FileNotFoundError(f"no {METRICS_FILE} (nor {SEGMENTS_DIR}/*.jsonl) in {run_dir}")
+    return read_records(fs, path)
+
+
+def read_tail(fs: pafs.FileSystem, run_dir: str) -> list[dict]:
+    """The last records of a run's history at a cost that does not grow with it: the last segment,
+    or the end of metrics.jsonl (at least one whole line unless the file is empty)."""
+    run_dir = run_dir.rstrip("/")
+    segments = segment_paths(fs, run_dir)
+    if segments:
+        return parse_lines(_read_bytes(fs, segments[-1]))
+    path = f"{run_dir}/{METRICS_FILE}"
+    info = fs.get_file_info(path)
+    if info.type != pafs.FileType.File:
+        return []
+    start = max(0, (info.size or 0) - TAIL_BYTES)
+    with fs.open_input_file(path) as handle:
+        handle.seek(start)
+        data = handle.read()
+    if start > 0:
+        data = data[data.find(b"\n") + 1:]  # the first line is cut: drop it
+    return parse_lines(data)
 
 
 def _json_value(value: Any) -> Any:
@@ -146,88 +178,83 @@ def _json_value(value: Any) -> Any:
     return str(value)
 
 
-# ----------------------------------------------------------------------------- TensorBoard
-class _TensorBoard:
-    """One tensorboardX writer per attempt; mirrored to the run directory if it is not local."""
+# ----------------------------------------------------------------------------- writers
+class HistoryWriter:
+    """Appends records to a run's history. Local: appends to metrics.jsonl (after a line a crash
+    cut short, a newline first). Object store: rewrites the open segment, SEGMENT_RECORDS lines at
+    most, and starts the next one when it is full."""
 
-    def __init__(self, fs: pafs.FileSystem, run_dir: str, attempt: int, purge_step: Optional[int]):
-        from tensorboardX import SummaryWriter
+    def __init__(self, fs: pafs.FileSystem, run_dir: str) -> None:
+        self.fs, self.run_dir = fs, run_dir.rstrip("/")
+        self.local = isinstance(fs, pafs.LocalFileSystem)
+        self._ready = False
+        self._needs_newline = False
+        self._segment, self._data, self._lines = 0, b"", 0
 
-        self.fs = fs
-        self.remote_dir = f"{run_dir}/{TENSORBOARD_DIR}"
-        if isinstance(fs, pafs.LocalFileSystem):
-            self.staging = None
-            logdir = self.remote_dir
+    def _prepare(self) -> None:
+        if self.local:
+            self.fs.create_dir(self.run_dir, recursive=True)
+            path = f"{self.run_dir}/{METRICS_FILE}"
+            info = self.fs.get_file_info(path)
+            if info.type == pafs.FileType.File and info.size:
+                with self.fs.open_input_file(path) as handle:
+                    handle.seek(info.size - 1)
+                    self._needs_newline = handle.read(1) != b"\n"  # a line cut by a crash
         else:
-            self.staging = tempfile.mkdtemp(prefix="cape_ray_tensorboard_")
-            logdir = self.staging
-        os.makedirs(logdir, exist_ok=True)
-        # The suffix keeps two attempts started within one second in separate, ordered files.
-        self.writer = SummaryWriter(logdir=logdir, purge_step=purge_step, flush_secs=30,
-                                    filename_suffix=f".attempt{attempt:03d}")
+            existing = segment_paths(self.fs, self.run_dir)
+            last = int(existing[-1].rsplit("/", 1)[-1].split(".")[0]) if existing else 0
+            self._segment = last + 1  # a new writer never rewrites an earlier one's segment
+            self.fs.create_dir(f"{self.run_dir}/{SEGMENTS_DIR}", recursive=True)
+        self._ready = True
 
-    def add(self, scalars: dict[str, float], step: int) -> None:
-        for tag, value in scalars.items():
-            self.writer.add_scalar(tag, value, global_step=step)
-        self.writer.flush()
-        if self.staging is not None:
-            self.fs.create_dir(self.remote_dir, recursive=True)
-            for name in os.listdir(self.staging):
-                with open(os.path.join(self.staging, name), "rb") as local, \
-                        self.fs.open_output_stream(f"{self.remote_dir}/{name}") as remote:
-                    remote.write(local.read())
-
-    def close(self) -> None:
-        self.writer.close()
-        if self.staging is not None:
-            shutil.rmtree(self.staging, ignore_errors=True)
-
-
-def tensorboard_scalars(report: dict[str, Any]) -> dict[str, float]:
-    """Tag -> value for one report; validation values only from validated reports."""
-    validated = bool(report.get("validated", 1))
-    scalars = {}
-    for key, value in report.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or key in SKIPPED_TAGS:
-            continue
-        if not math.isfinite(value):
-            continue
-        is_validation = key in VALIDATION_KEYS or key.startswith("pck@")
-        if is_validation and not validated:
-            continue  # a mid-epoch report carries a placeholder val_pck
-        if key == "train_loss" and not validated:
-            scalars["train/loss_running"] = float(value)  # the epoch's loss so far, rank 0
-            continue
-        if key == "pck@0.20" and "val_pck" in report:
-            continue  # the same number as val_pck
-        tag = TAGS.get(key) or (f"val/{key.replace('@', '_')}" if key.startswith("pck@") else f"report/{key}")
-        scalars[tag] = float(value)
-    return scalars
+    def write(self, records: list[dict]) -> None:
+        if not records:
+            return
+        if not self._ready:
+            self._prepare()
+        data = "".join(json.dumps(_json_value(r)) + "\n" for r in records).encode()
+        if self.local:
+            if self._needs_newline:
+                data, self._needs_newline = b"\n" + data, False
+            with self.fs.open_append_stream(f"{self.run_dir}/{METRICS_FILE}") as stream:
+                stream.write(data)
+            return
+        self._data += data
+        self._lines += len(records)
+        with self.fs.open_output_stream(f"{self.run_dir}/{SEGMENTS_DIR}/{self._segment:06d}.jsonl") as stream:
+            stream.write(self._data)
+        if self._lines >= SEGMENT_RECORDS:
+            self._segment, self._data, self._lines = self._segment + 1, b"", 0
 
 
 # ----------------------------------------------------------------------------- the callback
 class RunHistory(UserCallback):
-    """Appends every report (and every failure / restart) to metrics.jsonl; writes TensorBoard."""
+    """Writes every report (and every failure / restart) to the history; feeds the trackers."""
 
-    def __init__(self, tensorboard: bool = True):
-        self.tensorboard = tensorboard
+    writer_class = HistoryWriter
+
+    def __init__(self, trackers: Optional[list] = None, tensorboard: bool = True, fence: Optional[Fence] = None):
+        if trackers is None:
+            trackers = [tracking.TensorBoardTracker()] if tensorboard else []
+        self.trackers = tracking.TrackerSet(trackers)
+        self.fence = fence  # the driver's lease claim: nothing is written once it is not live (lease.py)
         self._started = False
         self._fs: Optional[pafs.FileSystem] = None
         self._run_dir = ""
+        self._run: Optional[tracking.RunInfo] = None
+        self._writer: Optional[HistoryWriter] = None
+        self._series = tracking.ReportSeries()
         self._attempt = 0
         self._last_global_step: Optional[int] = None
         self._last_workers: Optional[int] = None
         self._last_checkpoint: Optional[str] = None
         self._pending_restart: Optional[str] = None  # reason of a restart not yet written
         self._last_failure: Optional[tuple[list[int], str]] = None
-        self._needs_newline = False
-        self._board: Optional[_TensorBoard] = None
 
-    # The writer holds threads and files: it never travels with the callback to the controller.
-    def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        state["_board"] = None
-        return state
+    @classmethod
+    def for_config(cls, config, fence: Optional[Fence] = None) -> "RunHistory":
+        """The history of a run of `config`, with the trackers its --tracker flags name."""
+        return cls(trackers=tracking.build(config), fence=fence)
 
     @property
     def metrics_path(self) -> str:
@@ -237,13 +264,14 @@ class RunHistory(UserCallback):
         if self._started:
             return
         self._fs, self._run_dir = run_dir_of(run_context)
-        existing = _read_bytes(self._fs, self.metrics_path)
-        self._needs_newline = bool(existing) and not existing.endswith(b"\n")  # a line cut by a crash
-        records = parse_lines(existing)
-        if records:
+        self._writer = self.writer_class(self._fs, self._run_dir)
+        self._run = tracking.RunInfo(self._fs, self._run_dir, run_context.run_config.name)
+        records = read_records(self._fs, self._run_dir)  # once per controller: a rerun continues them
+        previous = [r for r in records if r.get("event") in ("report", "failure", "restart")]
+        if previous:
             # A driver rerun: continue the previous attempts' count and remember where they stood.
-            self._attempt = max(int(r.get("attempt", 0) or 0) for r in records)
-            reports = [r for r in records if r.get("event") == "report"]
+            self._attempt = max(int(r.get("attempt", 0) or 0) for r in previous)
+            reports = [r for r in previous if r.get("event") == "report"]
             if reports:
                 self._last_global_step = reports[-1].get("global_step")
                 self._last_workers = reports[-1].get("workers")
@@ -252,27 +280,37 @@ class RunHistory(UserCallback):
             self._pending_restart = "driver_rerun"
         else:
             self._attempt = 1
+        # What the trackers may have missed (a driver killed before they logged, a server that
+        # was down): sent with the first report, past what each tracker already holds.
+        self.trackers.catch_up(self._series.feed_all(records))
         self._started = True
 
     def _write(self, records: list[dict]) -> None:
-        data = "".join(json.dumps(_json_value(r), sort_keys=False) + "\n" for r in records).encode()
-        if self._needs_newline:
-            data = b"\n" + data
-            self._needs_newline = False
-        _append(self._fs, self.metrics_path, data)
+        self._writer.write(records)
 
     # ------------------------------------------------------------------ UserCallback hooks
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Optional[Checkpoint]) -> None:
+        if self._fenced(run_context):
+            return
         try:
             self._record_report(run_context, metrics, checkpoint)
         except Exception:  # noqa: BLE001 - the history must never stop training
-            log.exception("run history: could not record a report in %s", self.metrics_path or "the run directory")
+            log.exception("run history: could not record a report in %s", self._run_dir or "the run directory")
 
     def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
+        if self._fenced(run_context):
+            return
         try:
             self._record_failure(run_context, worker_exceptions)
         except Exception:  # noqa: BLE001
             log.exception("run history: could not record a worker failure")
+
+    def _fenced(self, run_context: Any) -> bool:
+        """Whether the driver's claim is no longer live: another driver may own the run (lease.py)."""
+        problem = self.fence.problem(*run_dir_of(run_context)) if self.fence is not None else None
+        if problem:
+            log.warning("run history: nothing written: %s", problem)
+        return bool(problem)
 
     # ------------------------------------------------------------------ recording
     def _record_failure(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
@@ -280,8 +318,11 @@ class RunHistory(UserCallback):
         ranks = sorted(int(r) for r in worker_exceptions)
         first = next(iter(worker_exceptions.values()), None)
         error = ("" if first is None else f"{type(first).__name__}: {first}")[:500]
-        if (ranks, error) == self._last_failure:
-            return  # the same failure seen again by another status poll (e.g. while preempting)
+        # A dead worker process is seen again by every status poll until the controller acts (e.g.
+        # while a preempted node drains): the same actor's death, once. An exception raised by the
+        # training function ends its attempt at once, so the same words again are a new attempt's.
+        if (ranks, error) == self._last_failure and isinstance(first, RayActorError):
+            return
         self._last_failure = (ranks, error)
         self._write([{"event": "failure", "time": time.time(), "attempt": self._attempt, "ranks": ranks,
                       "error": error}])
@@ -312,29 +353,62 @@ class RunHistory(UserCallback):
                             "resumed_from": self._last_checkpoint, "previous_global_step": self._last_global_step,
                             "global_step": global_step})
             self._pending_restart = None
-            if self._board is not None:
-                self._board.close()
-                self._board = None
         name = checkpoint.path.rstrip("/").rsplit("/", 1)[-1] if checkpoint is not None else None
         line = {"event": "report", "time": time.time(), "attempt": self._attempt, "checkpoint": name,
                 "workers": workers}
         for key, value in report.items():  # a reported key never overwrites the history's own fields
             line[f"metric_{key}" if key in line else key] = value
         records.append(line)
-        self._write(records)
+        self._write(records)  # the history first: it is what the trackers catch up from
         self._last_failure = None
 
         if name is not None:
             self._last_checkpoint = name
         self._last_global_step = global_step if global_step is not None else self._last_global_step
         self._last_workers = workers
-        if self.tensorboard and global_step is not None:
-            if self._board is None:
-                purge = int(global_step) if reason is not None else None
-                try:
-                    self._board = _TensorBoard(self._fs, self._run_dir, self._attempt, purge)
-                except ImportError:
-                    log.warning("run history: tensorboardX is not installed; metrics.jsonl only")
-                    self.tensorboard = False
-                    return
-            self._board.add(tensorboard_scalars(report), int(global_step))
+        if reason is not None and global_step is not None:
+            self.trackers.restart(int(global_step), self._attempt)
+        points = [p for p in (self._series.feed(_json_value(r)) for r in records) if p is not None]
+        self.trackers.log(self._run, points)
+
+
+# ----------------------------------------------------------------------------- the driver's lines
+def _run_location(config) -> tuple[pafs.FileSystem, str]:
+    return storage.run_path(config.storage_path, config.name)
+
+
+def record_start(config) -> None:
+    """The driver's "start" line: this driver is about to train up to `config.epochs` epochs."""
+    try:
+        fs, run_dir = _run_location(config)
+        HistoryWriter(fs, run_dir).write([{"event": "start", "time": time.time(), "epochs": config.epochs,
+                                           "trackers": list(config.trackers), "host": socket.gethostname(),
+                                           "pid": os.getpid()}])
+    except Exception as exc:  # noqa: BLE001 - the history never stops a run
+        log.warning("run history: could not record the start of the run: %s", exc)
+
+
+def end_status(failure: Optional[BaseException | str]) -> str:
+    if failure is None:
+        return "finished"
+    return "interrupted" if isinstance(failure, KeyboardInterrupt) else "failed"
+
+
+def finish_run(config, failure: Optional[BaseException | str] = None) -> None:
+    """The driver's "end" line after `fit()` (failure: what stopped it, if anything), then the
+    trackers' end of run: what they missed, the artifacts and the run's status. Never raises."""
+    status = end_status(failure)
+    try:
+        fs, run_dir = _run_location(config)
+        records = read_records(fs, run_dir)
+        epochs = [r.get("epoch") for r in records if r.get("event") == "report" and r.get("validated")]
+        end = {"event": "end", "time": time.time(), "status": status, "epoch": epochs[-1] if epochs else None}
+        if failure is not None:
+            text = failure if isinstance(failure, str) else f"{type(failure).__name__}: {failure}"
+            end["error"] = text.strip().splitlines()[0][:500] if text.strip() else type(failure).__name__
+        HistoryWriter(fs, run_dir).write([end])
+        records.append(end)
+    except Exception as exc:  # noqa: BLE001
+        log.warning("run history: could not record the end of the run: %s", exc)
+        return
+    tracking.finish(config, tracking.RunInfo(fs, run_dir, config.name), records, status)

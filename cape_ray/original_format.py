@@ -61,7 +61,7 @@ def original_checkpoint(loaded: LoadedCheckpoint) -> dict[str, Any]:
 def describe(original: dict[str, Any]) -> list[str]:
     """One line per field, as `cape-ray inspect` prints them."""
     def fmt(value: Any) -> str:
-        return "n/a" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
+        return "n/a" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
 
     model = original["model"]
     optimizer = original["optimizer"]
@@ -71,7 +71,8 @@ def describe(original: dict[str, Any]) -> list[str]:
         f"model: {len(model)} tensors, {sum(t.numel() for t in model.values()):,} values",
         f"optimizer: {len(optimizer.get('param_groups', []))} parameter groups, state for "
         f"{len(optimizer.get('state', {}))} parameters",
-        f"lr_scheduler: {scheduler.get('last_epoch')} steps taken, lr {scheduler.get('_last_lr', ['n/a'])[0]:.3g}",
+        f"lr_scheduler: {scheduler.get('last_epoch')} steps taken of {scheduler.get('steps_per_epoch', 0) * scheduler.get('epochs', 0)} "
+        f"planned ({scheduler.get('epochs')} epochs), lr {fmt(scheduler.get('_last_lr', [None])[0])}",
         f"epoch: {original['epoch']}",
         f"args: {len(original['args'])} flags (name {original['args'].get('name')!r}, epochs "
         f"{original['args'].get('epochs')}, lr {original['args'].get('lr')})",

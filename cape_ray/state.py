@@ -42,7 +42,7 @@ def library_versions() -> dict[str, str]:
 
 @dataclass
 class TrainState:
-    config: TrainConfig  # this run's flags (accumulation as planned for this world size)
+    config: TrainConfig  # this run's flags as given (the layout in force is position.episodes_per_step)
     world_size: int
     position: Position
     tracking: RunTracking
@@ -51,11 +51,13 @@ class TrainState:
     model: Optional[dict] = None  # model/api.py describe(): builder, kwargs, parameter counts, fingerprint
     device: str = "cpu"  # "cpu" or "cuda": what trained this state
     deterministic: bool = False  # whether deterministic algorithms were enforced (determinism.py)
+    grad_scaler: Optional[dict] = None  # fp16's gradient scaler (engine.MixedPrecision), set at each save
+    config_changes: list[dict] = field(default_factory=list)  # flags changed on a rerun / --resume (identity.py)
 
     @classmethod
-    def fresh(cls, config: TrainConfig, world_size: int, device: str = "cpu", deterministic: bool = False
-              ) -> "TrainState":
-        episodes_per_step = config.batch_size * config.accumulation_steps * world_size
+    def fresh(cls, config: TrainConfig, world_size: int, device: str = "cpu", deterministic: bool = False,
+              episodes_per_step: Optional[int] = None) -> "TrainState":
+        episodes_per_step = episodes_per_step or config.batch_size * config.accumulation_steps * world_size
         return cls(config, world_size, Position(episodes_per_step=episodes_per_step), RunTracking.from_config(config),
                    device=device, deterministic=deterministic)
 
@@ -79,6 +81,9 @@ class TrainState:
             "num_threads": self.config.num_threads,
             "device": self.device,
             "deterministic": self.deterministic,
+            "precision": self.config.precision,
+            "grad_scaler": self.grad_scaler,
+            "config_changes": list(self.config_changes),
             "config": self.config.to_dict(),
             "model": self.model,
             "versions": library_versions(),
@@ -87,8 +92,11 @@ class TrainState:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a saved state. The flags of this run (config), its world size and its
-        episodes per step stay as planned; position, tracking and history come from `state`."""
+        episodes per step (the layout planned for this world size) stay; position, tracking, history
+        and the record of config changes come from `state`."""
         self.position = Position(**{**state["position"], "episodes_per_step": self.position.episodes_per_step})
         self.tracking.load_state_dict(state["tracking"])
         self.history = list(state["history"])
+        self.config_changes = list(state.get("config_changes", []))
+        self.grad_scaler = state.get("grad_scaler")
         self.saved_versions = state.get("versions")

@@ -32,6 +32,10 @@ class BestTracker:
         self.checkpoint: Optional[str] = None  # checkpoint directory name holding the best weights
         self.export: Optional[str] = None  # the best export's directory name
 
+    def reset(self) -> None:
+        """Forget the best (e.g. its weights are nowhere to be found): the next value is a new best."""
+        self.best = self.best_epoch = self.checkpoint = self.export = None
+
     def is_better(self, value: float) -> bool:
         if not math.isfinite(value):
             return False

@@ -7,10 +7,21 @@ import pytest
 # Fast failure detection and short report stalls in tests; must be set before Ray starts.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# Retries of a failed checkpoint store wait 2, 4, 8, ... s in a run; tests need the retries, not the waits.
+os.environ.setdefault("CAPE_STORAGE_RETRY_WAIT_S", "0.01")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_home(tmp_path_factory):
+    """Every test runs with a HOME of its session's own: caches (~/.cache/cape-ray), Ray's token
+    file and MLflow's defaults land there, never in the user's home."""
+    home = tmp_path_factory.mktemp("home")
+    os.environ["HOME"] = str(home)
+    return home
 
 
 @pytest.fixture(scope="session")
-def ray_cluster(tmp_path_factory):
+def ray_cluster(tmp_path_factory, private_home):
     """Start one local Ray instance; yields its GCS address for subprocess drivers.
 
     HOME and RAY_AUTH_* are isolated first: a stray ~/.ray/auth_token would turn token
@@ -19,7 +30,6 @@ def ray_cluster(tmp_path_factory):
     """
     import ray
 
-    os.environ["HOME"] = str(tmp_path_factory.mktemp("home"))
     for key in [k for k in os.environ if k.startswith("RAY_AUTH")]:
         del os.environ[key]
     if not ray.is_initialized():

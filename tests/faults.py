@@ -93,6 +93,28 @@ def train_with_preemption_notice(config: dict) -> None:
     train_loop_per_worker(config)
 
 
+def train_and_die_while_storing(config: dict) -> None:
+    """Train; while rank 0's background writer uploads the checkpoint named in `_kill_in_store`
+    (its first file written, the rest not), SIGKILL the worker process: once, guarded by a marker."""
+    config = dict(config)
+    plan = config.pop("_kill_in_store")
+    from cape_ray import storage
+
+    upload = storage.upload_checkpoint
+
+    def upload_part_then_die(local_dir, fs, path):
+        if path.rstrip("/").endswith(plan["checkpoint"]) and not os.path.exists(plan["marker"]):
+            fs.create_dir(path, recursive=True)
+            with open(os.path.join(local_dir, "model.pt"), "rb") as source, fs.open_output_stream(f"{path}/model.pt") as out:
+                out.write(source.read())
+            open(plan["marker"], "w").close()
+            os.kill(os.getpid(), signal.SIGKILL)
+        upload(local_dir, fs, path)
+
+    storage.upload_checkpoint = upload_part_then_die
+    train_loop_per_worker(config)
+
+
 def train_and_kill_the_driver_at_a_new_best(config: dict) -> None:
     """Train; at the first report of a new best, after its checkpoint and exports are stored but
     before Ray hears of it, SIGKILL the driver (`_kill`: driver pid and a marker file, once)."""

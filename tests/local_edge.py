@@ -56,6 +56,12 @@ class LocalEdge:
         if crash:
             raise Crash(f"after report {len(self.reports)} ({name})")
 
+    def broadcast(self, value):
+        return value
+
+    def committed(self) -> set[str]:
+        return set(self.registered)
+
     def gather(self, blob: bytes) -> dict[int, bytes]:
         return {0: blob}
 

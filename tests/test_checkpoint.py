@@ -1,7 +1,9 @@
 """The checkpoint contract: files, manifest, verification, loading, names, disk space. Every
 checkpoint here is written by the real Checkpointer.save."""
 
+import hashlib
 import json
+import os
 import shutil
 from collections import namedtuple
 
@@ -51,7 +53,7 @@ def test_load_restores_model_optimizer_scheduler_exactly(tmp_path):
         assert torch.equal(model.state_dict()[key], value)
     for index, state in loaded.optimizer["state"].items():
         assert all(torch.equal(optimizer.state_dict()["state"][index][k], v) for k, v in state.items())
-    assert scheduler.last_epoch == 1
+    assert scheduler.progress == 1.0 and scheduler.get_last_lr() == [g["lr"] for g in optimizer.param_groups]
 
 
 def test_every_file_loads_with_weights_only(tmp_path):
@@ -77,14 +79,6 @@ def test_damaged_checkpoint_is_refused(tmp_path, damage):
     assert ckpt.verify_checkpoint(path)
     with pytest.raises(ckpt.CheckpointError, match="does not verify"):
         ckpt.load_checkpoint(path)
-
-
-def test_incompatible_model_config_gives_clear_error(tmp_path):
-    path = write_checkpoint(tmp_path, NAME, make_config(tmp_path, feature_dim=16))
-    loaded = ckpt.load_checkpoint(path)
-    ckpt.check_compatible(loaded.state, make_config(tmp_path, feature_dim=16), str(path))
-    with pytest.raises(ckpt.CheckpointError, match="model.feature_dim: 16 -> 32"):
-        ckpt.check_compatible(loaded.state, make_config(tmp_path, feature_dim=32), str(path))
 
 
 def test_schema_version_mismatch_is_refused(tmp_path):
@@ -145,3 +139,132 @@ def test_model_that_does_not_fit_gives_clear_error():
     ckpt.check_model_shapes(small, small, "ck")
     with pytest.raises(ckpt.CheckpointError, match=r"does not fit this model \(3 shape mismatches.*0\.weight: checkpoint \(8, 4\) vs model \(16, 4\)"):
         ckpt.check_model_shapes(small, wide, "ck")
+
+
+# ----------------------------------------------------------------------------- writing
+def test_files_are_hashed_as_they_are_written_not_read_back(tmp_path, monkeypatch):
+    def read_back(path):
+        raise AssertionError(f"{path} was read back to hash it")
+
+    model = torch.nn.Linear(300, 300).state_dict()  # 360 KB: large chunks take the overlapped path
+    optimizer = {"state": {0: {"exp_avg": torch.randn(300, 300), "step": torch.tensor(3.0)}}, "param_groups": []}
+    ranks = {rank: ckpt.serialize({"rng_state": torch.get_rng_state(), "loss_sum": 0.5 * rank}) for rank in range(2)}
+    monkeypatch.setattr(ckpt, "_sha256", read_back)
+    path = ckpt.write_checkpoint(tmp_path / "ck", model=model, optimizer=optimizer, scheduler={"last_epoch": 4},
+                                 state={"epoch": 1}, rank_states=ranks)
+    monkeypatch.undo()
+    manifest = json.loads((path / "manifest.json").read_text())
+    files = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file())
+    assert sorted(manifest["files"]) == [f for f in files if f != "manifest.json"]
+    for name, entry in manifest["files"].items():
+        data = (path / name).read_bytes()
+        assert entry == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}, name
+    assert ckpt.verify_checkpoint(path) == []
+    loaded = ckpt.load_checkpoint(path)
+    assert all(torch.equal(loaded.model[k], v) for k, v in model.items())
+    assert torch.equal(loaded.optimizer["state"][0]["exp_avg"], optimizer["state"][0]["exp_avg"])
+    assert loaded.scheduler == {"last_epoch": 4} and sorted(loaded.rank_states) == [0, 1]
+    assert loaded.rank_states[1]["loss_sum"] == 0.5
+
+
+def test_a_checkpoint_is_never_written_over_other_files(tmp_path):
+    (tmp_path / "ck").mkdir()
+    (tmp_path / "ck" / "old.pt").write_bytes(b"x")
+    with pytest.raises(ckpt.CheckpointError, match=r"ck: it is not empty .* write into a new directory"):
+        ckpt.write_checkpoint(tmp_path / "ck", model={}, optimizer={}, scheduler={}, state={}, rank_states={0: b"x"})
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["old.pt"]
+
+
+# ----------------------------------------------------------------------------- what a manifest may list
+def _relist(path, change) -> None:
+    """Edit the manifest's file entries in place (what an altered or foreign manifest looks like)."""
+    manifest = json.loads((path / "manifest.json").read_text())
+    change(manifest["files"])
+    (path / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _entry(file) -> dict:
+    return {"size": file.stat().st_size, "sha256": ckpt._sha256(file)}
+
+
+@pytest.mark.parametrize("name, reason", [
+    ("{outside}", "an absolute path"),
+    ("../outside.bin", "a '..' part"),
+    ("rng/../../outside.bin", "a '..' part"),
+    ("./model.pt", "an empty or '.' part"),
+    ("rng//rank_00000.pt", "an empty or '.' part"),
+    ("rng\\rank_00000.pt", "a backslash"),
+])
+def test_manifest_entries_must_be_relative_paths_inside_the_checkpoint(tmp_path, monkeypatch, name, reason):
+    path = write_checkpoint(tmp_path / "run", NAME, make_config(tmp_path))
+    outside = tmp_path / "run" / "outside.bin"  # what '../outside.bin' reaches from the checkpoint
+    outside.write_bytes(b"not part of the checkpoint")
+    name = name.format(outside=outside)
+    if "\\" in name:
+        shutil.copy(path / "rng" / "rank_00000.pt", path / name)  # a real file of that name, listed
+    listed = outside if "outside" in name else path / name
+    _relist(path, lambda files: files.update({name: _entry(listed)}))  # the right size and hash
+    hashed = []
+    sha256 = ckpt._sha256
+    monkeypatch.setattr(ckpt, "_sha256", lambda p: hashed.append(os.path.realpath(p)) or sha256(p))
+    problems = ckpt.verify_checkpoint(path)
+    assert any(f"lists {name!r}, which is not a relative path inside the checkpoint ({reason}" in p
+               for p in problems), problems
+    assert str(outside) not in hashed  # nothing outside the checkpoint is read
+    with pytest.raises(ckpt.CheckpointError, match="does not verify"):
+        ckpt.load_checkpoint(path)
+
+
+@pytest.mark.parametrize("stray", ["rng/rank_00001.pt", "notes.txt", "extra/model.pt"])
+def test_files_the_manifest_does_not_list_are_refused_and_never_loaded(tmp_path, stray):
+    path = write_checkpoint(tmp_path, NAME, make_config(tmp_path), ranks=1)
+    (path / stray).parent.mkdir(exist_ok=True)
+    shutil.copy(path / "rng" / "rank_00000.pt", path / stray)  # a valid rank file, unlisted
+    assert f"{path / stray} is not listed in {path / 'manifest.json'}" in "\n".join(ckpt.verify_checkpoint(path))
+    for verified in (False, True):
+        with pytest.raises(ckpt.CheckpointError, match="is not listed"):
+            ckpt.load_checkpoint(path, verified=verified)
+
+
+def test_the_manifest_while_written_and_nfs_leftovers_are_not_strays(tmp_path):
+    path = write_checkpoint(tmp_path, NAME, make_config(tmp_path))
+    (path / "manifest.json.tmp").write_text("{")  # a rewrite cut short
+    (path / ".nfs000000000123").write_bytes(b"x")  # NFS's name for a file deleted while open
+    assert ckpt.verify_checkpoint(path) == []
+
+
+def test_a_listed_file_that_is_a_link_is_refused(tmp_path):
+    path = write_checkpoint(tmp_path / "run", NAME, make_config(tmp_path))
+    outside = tmp_path / "elsewhere.pt"
+    shutil.move(path / "model.pt", outside)
+    (path / "model.pt").symlink_to(outside)  # same bytes, but outside the checkpoint
+    assert f"{path / 'model.pt'} is not a regular file" in "\n".join(ckpt.verify_checkpoint(path))
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda files: files["model.pt"].pop("sha256"), "no valid size and SHA-256 for 'model.pt'"),
+    (lambda files: files["model.pt"].update(size=-1), "no valid size and SHA-256 for 'model.pt'"),
+    (lambda files: files.update({"": {"size": 0, "sha256": "0" * 64}}), "lists '', which is not a relative path"),
+])
+def test_a_malformed_manifest_entry_is_a_problem_not_a_crash(tmp_path, change, message):
+    path = write_checkpoint(tmp_path, NAME, make_config(tmp_path))
+    _relist(path, change)
+    assert message in "\n".join(ckpt.verify_checkpoint(path))
+
+
+# ----------------------------------------------------------------------------- loading what was just verified
+def test_a_directory_just_verified_loads_without_hashing_again(tmp_path, monkeypatch):
+    path = write_checkpoint(tmp_path, NAME, make_config(tmp_path), ranks=2)
+    assert ckpt.verify_checkpoint(path) == []
+    hashed = []
+    sha256 = ckpt._sha256
+    monkeypatch.setattr(ckpt, "_sha256", lambda p: hashed.append(p) or sha256(p))
+    loaded = ckpt.load_checkpoint(path, verified=True)
+    assert hashed == [] and sorted(loaded.rank_states) == [0, 1]
+    assert ckpt.verify_checkpoint(path, hashes=False) == [] and hashed == []
+    ckpt.load_checkpoint(path)  # the default still hashes every file
+    assert len(hashed) == 6
+    # what needs no hashing is still checked: the list and the sizes
+    (path / "optimizer.pt").write_bytes((path / "optimizer.pt").read_bytes()[:100])
+    with pytest.raises(ckpt.CheckpointError, match=r"optimizer.pt has 100 bytes"):
+        ckpt.load_checkpoint(path, verified=True)

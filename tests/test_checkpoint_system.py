@@ -57,7 +57,9 @@ def scripted_validation(values: list[tuple[float, float]]):
 
 
 def train(root: Path, name: str, crash_after=None, edge=None, **changes) -> LocalEdge:
-    config = make_config(root, name, **changes)
+    # each checkpoint reported as soon as it is written, as the original pipeline saved them: a crash
+    # after the N-th report then comes before the next epoch's validation (scripted below)
+    config = make_config(root, name, **{"sync_checkpoints": True, **changes})
     edge = edge or LocalEdge(root / name, crash_after=crash_after, quiet=True)
     try:
         train_loop_per_worker(config.to_dict(), edge)

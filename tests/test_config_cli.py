@@ -34,6 +34,11 @@ def test_every_documented_flag_parses(tmp_path):
     assert config.use_gpu and config.num_shots == 5 and config.lr == 1e-4 and config.mp100_split == 2
 
 
+def test_split_id_is_mp100_split():
+    assert parse(["--split_id", "3"]).mp100_split == 3
+    assert parse(["--split-id", "4"]).mp100_split == 4 and parse([]).mp100_split == 1
+
+
 def test_json_round_trip():
     config = TrainConfig(epochs=3, resume="/x", num_workers="1:2")
     assert TrainConfig.from_dict(config.to_dict()) == config

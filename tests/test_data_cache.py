@@ -1,13 +1,15 @@
 """The prepared-split cache: real MP-100 files written by make-data, real processes, real damage.
 
 A cached split must be exactly what `prepare` makes in memory, be built once per key however many
-processes ask at once, and never be used when half-written, damaged or stale.
+processes ask at once, and never be used when half-written, damaged or stale; opening it must not
+read whole files.
 """
 
 from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import shutil
 import signal
@@ -16,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -92,6 +95,22 @@ def image_reads(monkeypatch) -> list[str]:
     return reads
 
 
+@pytest.fixture
+def full_hashes(monkeypatch) -> list[str]:
+    """The paths of the files the cache hashes in full, in order. Annotation hashes are remembered at once."""
+    hashed: list[str] = []
+    hash_file = cache.file_sha256
+
+    def counted(path_or_file):
+        if hasattr(path_or_file, "readinto"):  # a path is opened, then hashed through this again
+            hashed.append(path_or_file.name)
+        return hash_file(path_or_file)
+
+    monkeypatch.setattr(cache, "file_sha256", counted)
+    monkeypatch.setattr(cache, "SETTLED_NS", 0)  # test files are seconds old
+    return hashed
+
+
 def mapping_of(tensor: torch.Tensor) -> tuple[str, str]:
     """(permissions, path) of the memory mapping that holds the tensor's data."""
     address = tensor.data_ptr()
@@ -123,14 +142,21 @@ def test_first_load_builds_an_entry_equal_to_preparing_in_memory(shared_data, tm
         os.close(fd)
 
 
-def test_second_load_is_a_hit_that_reads_no_image_and_changes_no_file(shared_data, tmp_path, image_reads):
+def test_second_load_is_a_hit_that_reads_no_image_no_whole_file_and_changes_no_file(shared_data, tmp_path,
+                                                                                   image_reads, full_hashes):
     first = load_split(config(shared_data, tmp_path / "cache"), "train", 2)
     built_reads = len(image_reads)
     (entry,) = entries(tmp_path / "cache")
-    before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in entry.iterdir()}
+    assert str(shared_data / ANNOTATIONS) in full_hashes  # the build hashes it, and the files it writes
+    assert any(path.endswith("/images.npy") for path in full_hashes)
+    assert (entry / "images.npy").stat().st_size > cache.SAMPLE_BLOCK * cache.SAMPLE_COUNT  # so it is sampled
+    before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns, p.stat().st_ctime_ns) for p in entry.iterdir()}
+    full_hashes.clear()
     second = load_split(config(shared_data, tmp_path / "cache"), "train", 2)
     assert len(image_reads) == built_reads  # nothing decoded: the build did not run
-    assert {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in entry.iterdir()} == before
+    # neither the annotation file (its hash is remembered) nor images.npy (sampled) was read in full
+    assert str(shared_data / ANNOTATIONS) not in full_hashes and str(entry / "images.npy") not in full_hashes
+    assert {p.name: (p.stat().st_ino, p.stat().st_mtime_ns, p.stat().st_ctime_ns) for p in entry.iterdir()} == before
     assert entries(tmp_path / "cache") == [entry]
     assert_same_split(second, first)
 
@@ -150,21 +176,84 @@ def test_queries_share_an_entry_while_size_and_shots_get_their_own(shared_data, 
     assert_same_split(larger, reference(shared_data, image_size=48))
 
 
-def test_changed_annotation_file_is_a_new_key_and_is_rebuilt(data, tmp_path, image_reads):
+def test_changed_annotation_file_is_a_new_key_and_is_rebuilt(data, tmp_path, image_reads, full_hashes):
     cache_dir = tmp_path / "cache"
+    load_split(config(data, cache_dir), "train", 2)
     load_split(config(data, cache_dir), "train", 2)
     reads = len(image_reads)
     path = data / ANNOTATIONS
-    content = json.loads(path.read_text())
-    content["annotations"][0]["keypoints"][0] += 1.5  # move one keypoint of the first instance
-    path.write_text(json.dumps(content))
+    assert full_hashes.count(str(path)) == 2  # to key the build and to check it after; not to open it again
+    # Move one keypoint of the first instance, keeping the file's size and mtime: only its ctime tells.
+    stat, content = path.stat(), json.loads(path.read_text())
+    moved = next(edit for edit in ({**content, "annotations": [
+        {**content["annotations"][0], "keypoints": [content["annotations"][0]["keypoints"][0] + delta,
+                                                    *content["annotations"][0]["keypoints"][1:]]},
+        *content["annotations"][1:]]} for delta in (1.0, -1.0, 2.0, -2.0, 3.0, -3.0))
+        if len(json.dumps(edit, separators=(",", ":"))) == stat.st_size)
+    path.write_text(json.dumps(moved, separators=(",", ":")))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
     changed = load_split(config(data, cache_dir), "train", 2)
     assert len(image_reads) == 2 * reads  # rebuilt in full
     assert len(entries(cache_dir)) == 2
     assert_same_split(changed, reference(data))
-    row = int((changed.instance_ids == content["annotations"][0]["id"]).nonzero())
+    x = moved["annotations"][0]["keypoints"][0]
+    assert x != content["annotations"][0]["keypoints"][0]
+    row = int((changed.instance_ids == moved["annotations"][0]["id"]).nonzero())
     assert changed.keypoints[row, 0, 0] * changed.crop_to_original[row, 0, 0] + changed.crop_to_original[row, 0, 2] \
-        == pytest.approx(content["annotations"][0]["keypoints"][0], abs=1e-3)
+        == pytest.approx(x, abs=1e-3)
+
+
+def test_key_holds_the_versions_of_the_code_that_makes_the_pixels(monkeypatch):
+    import PIL
+    from PIL import features
+
+    def key():
+        return cache.cache_key("0" * 64, "/data/images", 256, 1)
+
+    base = key()
+    assert base == key() and base.pillow == PIL.__version__ and base.numpy == np.__version__
+    assert base.torch == torch.__version__ and base.cpu_kernels == torch.backends.cpu.get_cpu_capability()
+    assert features.version_codec("jpg") in base.libjpeg or features.version("libjpeg_turbo") in base.libjpeg
+    version = features.version
+    changes = {
+        "pillow": lambda m: m.setattr(PIL, "__version__", "9.0.0"),
+        "libjpeg": lambda m: m.setattr(features, "version", lambda f: "2.0.0" if f == "libjpeg_turbo" else version(f)),
+        "libjpeg (IJG instead of turbo)": lambda m: m.setattr(features, "version",
+                                                              lambda f: None if f == "libjpeg_turbo" else version(f)),
+        "numpy": lambda m: m.setattr(np, "__version__", "1.26.0"),
+        "torch": lambda m: m.setattr(torch, "__version__", "2.0.0"),
+        "cpu kernels": lambda m: m.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT"),
+    }
+    names = {cache.entry_name("a.json", base)}
+    for what, change in changes.items():
+        with monkeypatch.context() as m:
+            change(m)
+            names.add(cache.entry_name("a.json", key()))
+        assert len(names) == 2 + list(changes).index(what), f"{what} is not in the key"
+    assert key() == base  # versions are read at every call, not remembered
+
+
+def test_changed_library_version_builds_its_own_entry_and_the_old_one_stays_in_use(shared_data, tmp_path,
+                                                                                   image_reads, monkeypatch):
+    import PIL
+
+    def open_split():
+        return cache.open_or_build(tmp_path / "cache", shared_data / ANNOTATIONS, shared_data / "images", 32, 1, 2,
+                                   load_dataset=lambda: load_mp100(shared_data, 1, "train"))
+
+    _, first = open_split()
+    with monkeypatch.context() as m:
+        m.setattr(PIL, "__version__", "9.0.0")  # as after upgrading Pillow
+        split, upgraded = open_split()
+        _, again = open_split()
+    assert first.built and upgraded.built and not again.built and upgraded.entry == again.entry != first.entry
+    assert len(image_reads) == 2 * 70 * 6
+    assert json.loads((upgraded.entry / cache.MANIFEST_FILE).read_text())["key"]["pillow"] == "9.0.0"
+    _, back = open_split()  # the versions of the first build again: its entry, nothing decoded
+    assert not back.built and back.entry == first.entry and len(image_reads) == 2 * 70 * 6
+    assert entries(tmp_path / "cache") == sorted([first.entry, upgraded.entry])
+    assert_same_split(split, reference(shared_data))
 
 
 def _flip_byte(path: Path, position: int) -> None:
@@ -189,6 +278,12 @@ def _edit_manifest(entry: Path, change) -> None:
     content = json.loads(manifest.read_text())
     change(content)
     manifest.write_text(json.dumps(content))
+
+
+def _reseal(entry: Path, name: str) -> None:
+    """Record the file's current times and inode in the manifest: damage the file system did not record."""
+    stat = (entry / name).stat()
+    _edit_manifest(entry, lambda m: m["files"][name].update(sealed=[stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]))
 
 
 DAMAGE = {
@@ -221,6 +316,44 @@ def test_damaged_entry_is_detected_discarded_and_rebuilt(shared_data, tmp_path, 
     manifest = json.loads((entry / cache.MANIFEST_FILE).read_text())
     for name, expected in manifest["files"].items():  # the rebuilt entry is whole
         assert cache.file_sha256(entry / name) == expected["sha256"]
+
+
+def test_damage_the_file_system_did_not_record_is_caught_where_sampled_and_by_full_verification(
+        shared_data, tmp_path, image_reads, monkeypatch):
+    """A byte flipped with size, times and inode as sealed (as a failing disk would): an open hashes
+    only sampled blocks, so a flip between them is used; CAPE_VERIFY_CACHE=1 catches it."""
+    def open_split():
+        return cache.open_or_build(tmp_path / "cache", shared_data / ANNOTATIONS, shared_data / "images", 32, 1, 2,
+                                   load_dataset=lambda: load_mp100(shared_data, 1, "train"))
+
+    expected = reference(shared_data)
+    image_reads.clear()
+    _, built = open_split()
+    images = built.entry / "images.npy"
+    offsets = cache.sample_offsets(images.stat().st_size)
+    between = offsets[0] + cache.SAMPLE_BLOCK  # the first byte after the first sampled block
+    assert not any(o <= between < o + cache.SAMPLE_BLOCK for o in offsets)
+    _flip_byte(images, between)
+    _reseal(built.entry, "images.npy")
+    damaged, opened = open_split()
+    assert not opened.built  # the limit of a cheap open
+    header = images.stat().st_size - damaged.images.numel()
+    position = between - header
+    assert int(damaged.images.reshape(-1)[position]) == int(expected.images.reshape(-1)[position]) ^ 0xFF
+    del damaged
+
+    monkeypatch.setenv(cache.VERIFY_ENV, "1")
+    split, verified = open_split()
+    assert verified.built and "SHA-256 differs" in verified.replaced, verified.replaced
+    assert_same_split(split, expected)
+    monkeypatch.delenv(cache.VERIFY_ENV)
+
+    _flip_byte(images, images.stat().st_size - 1)  # the last byte, in the last sampled block
+    _reseal(built.entry, "images.npy")
+    split, sampled = open_split()
+    assert sampled.built and "sampled blocks" in sampled.replaced, sampled.replaced
+    assert_same_split(split, expected)
+    assert len(image_reads) == 3 * 70 * 6
 
 
 def test_bad_image_mid_build_names_file_and_record_and_leaves_no_cache(data, tmp_path):
@@ -296,6 +429,28 @@ def test_cache_dir_must_be_absolute_home_relative_or_off(shared_data, tmp_path, 
     assert len(image_reads) == 2 * 70 * 6  # prepared again in memory
     assert not mapping_of(off.images)[1].endswith(".npy")
     assert_same_split(off, reference(shared_data))
+
+
+def test_cache_on_a_network_file_system_warns_once_naming_the_path_and_the_fix(shared_data, tmp_path, monkeypatch,
+                                                                              caplog):
+    home = tmp_path / "net home"  # /proc/mounts writes the space as \\040
+    mounts = tmp_path / "mounts"
+    mounts.write_text("/dev/vda / ext4 rw,relatime 0 0\n"
+                      f"server:/export/home {str(home).replace(' ', chr(92) + '040')} nfs4 rw,relatime 0 0\n"
+                      f"sshfs#me@host: {tmp_path / 'sshfs'} fuse.sshfs rw 0 0\n"
+                      f"fuse-overlayfs {tmp_path / 'container'} fuse.fuse-overlayfs rw 0 0\n")
+    monkeypatch.setattr(cache, "MOUNTS", str(mounts))
+    monkeypatch.setattr(cache, "_warned_network", set())
+    kinds = {name: cache.filesystem_type(tmp_path / name / "cache") for name in ("net home", "sshfs", "container", "x")}
+    assert kinds == {"net home": "nfs4", "sshfs": "fuse.sshfs", "container": "fuse.fuse-overlayfs", "x": "ext4"}
+    assert [cache.is_network_filesystem(k) for k in kinds.values()] == [True, True, False, False]
+
+    caplog.set_level(logging.WARNING, logger="cape_ray.data")
+    for _ in range(2):
+        load_split(config(shared_data, home / "cache"), "train", 2)  # it works, with a warning
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert str(home / "cache" / cache.SUBDIRECTORY) in warning and "nfs4" in warning
+    assert "--cache_dir" in warning and "local disk" in warning
 
 
 def test_unwritable_cache_dir_names_the_path_and_the_fix(shared_data, tmp_path):

@@ -118,8 +118,8 @@ def test_flags_in_both_spellings():
 
 
 @pytest.mark.parametrize("requested, recorded, said", [
-    (None, False, "training on cpu, 1 worker: CPU kernels are deterministic\n"),
-    (True, True, "training on cpu, 1 worker: CPU kernels are deterministic; deterministic mode also on\n"),
+    (None, False, "fp32) on cpu, 1 worker: CPU kernels are deterministic\n"),
+    (True, True, "fp32) on cpu, 1 worker: CPU kernels are deterministic; deterministic mode also on\n"),
 ])
 def test_the_worker_records_and_says_its_mode(tmp_path, capfd, restored_flags, requested, recorded, said):
     config = make_config(tmp_path, "mode", epochs=1, checkpoint_every_steps=0, deterministic=requested)

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import pyarrow.fs as pafs
 import pytest
+from ray.exceptions import ActorDiedError
 from ray.train import RunConfig
 
 from cape_ray import checkpoint as ckpt, cli, evaluate, history, plots
@@ -35,13 +36,27 @@ def lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def test_the_same_exception_in_two_attempts_is_two_failures(tmp_path):
+    """A training function's exception ends its attempt at once: the same words again come from
+    the next attempt (a storage failure that outlasts its retries, attempt after attempt)."""
+    ctx = context(str(tmp_path))
+    callback = history.RunHistory(tensorboard=False)
+    report(callback, ctx, 2)
+    for _ in range(3):
+        callback.after_exception(ctx, {0: RuntimeError("cannot store checkpoint")})
+    records = lines(tmp_path / "run" / history.METRICS_FILE)
+    assert [r["event"] for r in records] == ["report", "failure", "failure", "failure"]
+    assert [r["attempt"] for r in records] == [1, 1, 2, 3]
+
+
 def test_failures_restarts_and_reruns_are_appended(tmp_path):
     ctx = context(str(tmp_path))
     callback = history.RunHistory(tensorboard=False)
     report(callback, ctx, 2)
     report(callback, ctx, 4, checkpoint="checkpoint_e001_lr1e-3_bs2_acc1_qpe2_s000004")
-    callback.after_exception(ctx, {1: RuntimeError("worker died")})
-    callback.after_exception(ctx, {1: RuntimeError("worker died")})  # the same failure, polled again
+    died = ActorDiedError()
+    callback.after_exception(ctx, {1: died})
+    callback.after_exception(ctx, {1: died})  # the same dead worker, polled again
     report(callback, ctx, 6, checkpoint="checkpoint_e001_lr1e-3_bs2_acc1_qpe2_s000006")
     report(callback, ctx, 6)  # the global step did not advance: restarted from an earlier checkpoint
     report(callback, ctx, 8, workers=2)  # the group was resized
@@ -54,7 +69,7 @@ def test_failures_restarts_and_reruns_are_appended(tmp_path):
                                             "restart", "report", "restart", "report"]
     assert [r["attempt"] for r in records] == [1, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
     failure, restart = records[2], records[3]
-    assert failure["ranks"] == [1] and failure["error"] == "RuntimeError: worker died"
+    assert failure["ranks"] == [1] and failure["error"].startswith("ActorDiedError: ")
     assert restart == {**restart, "reason": "worker_failure", "previous_global_step": 4, "global_step": 6,
                        "resumed_from": "checkpoint_e001_lr1e-3_bs2_acc1_qpe2_s000004"}
     assert [r["reason"] for r in records if r["event"] == "restart"] == [
@@ -76,17 +91,41 @@ def test_a_line_cut_by_a_crash_is_skipped_and_appending_goes_on(tmp_path):
     assert records[1]["resumed_from"] == "checkpoint_e001_x_s000002"
 
 
-def test_object_store_is_read_and_rewritten_and_gets_tensorboard_files():
+def test_object_store_history_is_segments_read_back_in_order_with_rolled_tensorboard_files():
     fs = pafs._MockFileSystem()  # an in-memory filesystem that cannot append, like S3
     ctx = context("bucket/runs", filesystem=fs)
+    # an older run's single file comes first; this version never rewrites it
+    fs.create_dir("bucket/runs/run")
+    with fs.open_output_stream("bucket/runs/run/metrics.jsonl") as out:
+        out.write(b'{"event": "report", "attempt": 1, "global_step": 1, "epoch": 1}\n')
     callback = history.RunHistory()
-    report(callback, ctx, 2)
-    report(callback, ctx, 4, validated=1)
+    total = history.SEGMENT_RECORDS + 8
+    for step in range(2, total + 1):
+        report(callback, ctx, step, validated=int(step == total))
+    segments = history.segment_paths(fs, "bucket/runs/run")
+    assert [p.rsplit("/", 1)[-1] for p in segments] == ["000001.jsonl", "000002.jsonl"]
+    sizes = [len(history.parse_lines(fs.open_input_stream(p).read())) for p in segments]
+    assert sizes == [history.SEGMENT_RECORDS, total - history.SEGMENT_RECORDS]  # the restart line included
     with fs.open_input_stream("bucket/runs/run/metrics.jsonl") as stream:
-        records = history.parse_lines(stream.read())
-    assert [r["global_step"] for r in records] == [2, 4]
+        assert len(stream.read().splitlines()) == 1
+    records = history.read_records(fs, "bucket/runs/run")
+    assert [r["event"] for r in records[:2]] == ["report", "restart"]  # a driver rerun of the older run
+    assert [r["global_step"] for r in records if r["event"] == "report"] == list(range(1, total + 1))
+    assert history.read_tail(fs, "bucket/runs/run") == records[-(total - history.SEGMENT_RECORDS):]
+
+    # a new writer (a driver rerun) starts a segment of its own
+    history.RunHistory(tensorboard=False).after_report(ctx, [{"global_step": total + 1, "epoch": 2}], None)
+    assert history.segment_paths(fs, "bucket/runs/run")[-1].endswith("000003.jsonl")
+    assert history.read_records(fs, "bucket/runs/run")[-1]["global_step"] == total + 1
+
+    # TensorBoard: a new event file every ROLL_REPORTS reports, so no upload grows with the run
     events = fs.get_file_info(pafs.FileSelector("bucket/runs/run/tensorboard"))
-    assert len(events) == 1 and events[0].size > 0 and events[0].base_name.endswith(".attempt001")
+    names = sorted(e.base_name for e in events)
+    assert len(names) == 2 and names[0].endswith(".attempt002") and names[1].endswith(".attempt002.part001")
+    assert all(e.size > 0 for e in events)
+
+
+def test_tensorboard_scalars_name_every_report_key():
     validated = {"epoch": 1, "step": 4, "global_step": 4, "validated": 1, "train_loss": 0.25, "val_pck": 0.5,
                  "pck@0.10": 0.3, "lr": 1e-3, "reason": "scheduled", "is_best_pck": True}
     assert history.tensorboard_scalars(validated) == {"train/loss": 0.25, "val/pck_0.20": 0.5, "val/pck_0.10": 0.3,

@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from cape_ray import cli, lease, storage
+from cape_ray import cli, lease
 from cape_ray.lease import LEASE_FILE, Clock, DriverLease, LeaseContended, LeaseHeld, LeaseLost
 from s3_server import s3_uri
 
@@ -88,7 +88,7 @@ def test_heartbeats_keep_the_lease_and_a_stale_one_is_taken_over(tmp_path):
     with pytest.raises(LeaseLost) as lost:
         holder.renew()
     assert "not renewed for" in str(lost.value)
-    holder._last_write = fake.mono  # even with a recent write of its own, the token decides
+    holder._beat_at = fake.mono  # even with a recent heartbeat of its own, the token decides
     with pytest.raises(LeaseLost) as lost:
         holder.renew()
     assert "lost its lease" in str(lost.value) and "host node-b" in str(lost.value)
@@ -96,7 +96,8 @@ def test_heartbeats_keep_the_lease_and_a_stale_one_is_taken_over(tmp_path):
     holder.release()  # releases nothing that is not its own
     assert (tmp_path / "dup" / LEASE_FILE).exists()
     taker.release()
-    assert not (tmp_path / "dup" / LEASE_FILE).exists()
+    record = json.loads((tmp_path / "dup" / LEASE_FILE).read_text())
+    assert record["released"] and record["token"] == "" and record["fence"] == 2  # kept: the count goes on
 
 
 def test_a_dead_driver_on_this_machine_is_taken_over_at_once(tmp_path):
@@ -259,7 +260,7 @@ def test_release_on_the_way_out_even_after_an_error(tmp_path):
         with holder:
             assert (tmp_path / "err" / LEASE_FILE).exists()
             1 / 0
-    assert not (tmp_path / "err" / LEASE_FILE).exists()
+    assert json.loads((tmp_path / "err" / LEASE_FILE).read_text())["released"]
     assert not list((tmp_path / "err").glob("*.tmp"))
 
 
@@ -341,7 +342,8 @@ def test_the_lease_on_s3(s3_endpoint):
     with pytest.raises(LeaseLost):
         holder.renew()
     taker.release()
-    assert not storage.exists(fs, f"{run_dir}/{LEASE_FILE}")
+    with fs.open_input_stream(f"{run_dir}/{LEASE_FILE}") as stream:
+        assert json.loads(stream.read())["released"]
 
 
 def test_concurrent_claimants_on_s3(s3_endpoint):
@@ -372,10 +374,304 @@ def test_a_silent_holder_elsewhere_is_waited_out_but_a_beating_one_refuses(tmp_p
 
     def holder_beats_while_we_wait(seconds):
         sleep(seconds)
-        slow._last_write = fake.mono
+        slow._beat_at = fake.mono
         slow.renew()
 
     waiting.clock = Clock(time=lambda: fake.wall, monotonic=lambda: fake.mono, sleep=holder_beats_while_we_wait)
     with pytest.raises(LeaseHeld) as refused:
         waiting.acquire()
     assert "host slow-head" in str(refused.value)
+
+
+# ----------------------------------------------------------------------------- renewals bounded in time
+
+
+def test_a_renewal_whose_read_stalls_past_the_timeout_writes_nothing(tmp_path):
+    """A's renewal reads the lease, and the read takes 70 s (a hard NFS mount): meanwhile B takes the
+    stale lease over. The read then returns what it saw before B's claim, A's own token. A must not
+    write its heartbeat over B's claim: the renewal outlived its deadline, so the lease is lost."""
+    fake = FakeClock()
+    a = make(tmp_path, fake, other_machine("node-a"))
+    a.acquire()
+    b = make(tmp_path, fake, other_machine("node-b"))
+    read = a.read
+
+    def stalled_read():
+        seen = read()  # A's record, as the read found it before stalling
+        fake.advance(70)
+        b.acquire()
+        return seen
+
+    a.read = stalled_read
+    with pytest.raises(LeaseLost, match="not renewed for 74 s, over the 30 s allowed"):
+        a.renew()
+    record = json.loads((tmp_path / "dup" / LEASE_FILE).read_text())
+    assert record["token"] == b.token and record["host"] == "node-b" and record["fence"] == 2
+    b.renew()  # B holds it undisturbed
+
+
+def test_a_renewal_blocked_in_storage_loses_the_lease_at_its_deadline(tmp_path):
+    """Real time: the lease's read blocks (as on an unreachable hard mount). The heartbeat must not
+    wait with it: at half the timeout the driver counts the lease as lost, and the blocked read,
+    when it returns at last, writes nothing."""
+    lost = threading.Event()
+    holder = DriverLease(str(tmp_path), "blocked", timeout_s=1.0, interval_s=0.2, settle_s=0.02,
+                         identity=other_machine("node-a"), on_lost=lambda exc: lost.set())
+    path = tmp_path / "blocked" / LEASE_FILE
+    unblock = threading.Event()
+    read = holder.read
+    with holder:
+        before = path.read_text()
+
+        def blocked_read():
+            unblock.wait(30)
+            return read()
+
+        holder.read = blocked_read
+        started = time.monotonic()
+        assert lost.wait(5), "a blocked renewal held the heartbeat past its deadline"
+        assert time.monotonic() - started < 1.0  # within the 0.5 s deadline plus one interval
+        unblock.set()
+        time.sleep(0.3)
+        assert path.read_text() == before  # the late read wrote no heartbeat
+    assert path.read_text() == before  # nor did the release: past its deadline the lease is left to expire
+
+
+def test_the_last_confirmation_after_training(tmp_path):
+    """job.run confirms the lease once fit() returns: a storage error within the deadline is only a
+    warning, a lease past its deadline or in another driver's hands is lost."""
+    fake = FakeClock()
+    holder = make(tmp_path, fake, other_machine("node-a"))
+    holder.acquire()
+    read = holder.read
+
+    def unreachable():
+        raise OSError("storage unreachable")
+
+    holder.read = unreachable
+    holder.confirm()  # 2 s after the claim: no other driver can have taken it
+    fake.advance(29)
+    with pytest.raises(LeaseLost, match="not renewed for 31 s"):
+        holder.confirm()
+    holder.read = read
+    with pytest.raises(LeaseLost, match="not renewed for 31 s"):
+        holder.confirm()  # readable again, but too late
+
+    fake = FakeClock(time.time())  # take_over's clock is the real one, 61 s on
+    holder = make(tmp_path, fake, other_machine("node-a"), name="other")
+    holder.acquire()
+    fake.advance(20)
+    holder.confirm()
+    take_over(tmp_path, "other")
+    with pytest.raises(LeaseLost, match="lost its lease; now: run 'other'"):
+        holder.confirm()
+
+
+# ----------------------------------------------------------------------------- the stored timeout
+
+
+def test_readers_use_the_timeout_stored_in_the_lease(tmp_path):
+    fake = FakeClock()
+    make(tmp_path, fake, other_machine("node-a"), timeout_s=100.0, interval_s=10.0).acquire()
+    fake.advance(5)  # 7 s after the claim: stale for a 1 s reader, not for the holder's 100 s
+    with pytest.raises(LeaseHeld, match="rerun in 93 s"):
+        make(tmp_path, fake, other_machine("node-b"), timeout_s=1.0, interval_s=0.2, settle_s=0.01).acquire()
+
+    fake = FakeClock()
+    make(tmp_path, fake, other_machine("node-a"), name="short", timeout_s=10.0, interval_s=2.0).acquire()
+    fake.advance(11)  # stale by the holder's 10 s: a reader with 600 s of its own takes it at once
+    taker = make(tmp_path, fake, other_machine("node-b"), name="short", timeout_s=600.0, interval_s=100.0)
+    began = fake.wall
+    taker.acquire()
+    assert fake.wall - began == 2 and taker.fence().number == 2
+
+
+# ----------------------------------------------------------------------------- the fence
+
+
+def test_the_fence_holds_only_while_the_claim_is_live_and_its_number_grows(tmp_path):
+    fake = FakeClock()
+    a = make(tmp_path, fake, other_machine("node-a"))
+    a.acquire()
+    fence = a.fence()
+    assert (fence.number, fence.token, fence.timeout_s) == (1, a.token, 60.0)
+    assert lease.Fence.from_dict(fence.to_dict()) == fence
+    check = lambda f=fence: f.problem(a.fs, a.run_dir, now=lambda: fake.wall)  # noqa: E731
+    assert check() is None
+    fake.advance(20)
+    a.renew()
+    fake.advance(45)
+    assert check() is None  # 45 s old: within 3/4 of the 60 s timeout
+    fake.advance(1.5)
+    assert "last renewed 46 s ago, over the 45 s a writer allows: its driver is stalled" in check()
+
+    fake.advance(15)  # stale: B takes over
+    b = make(tmp_path, fake, other_machine("node-b", 99))
+    b.acquire()
+    assert "(claim 1) was taken over: it is now claim 2 by host node-b, pid 99" in check()
+    b_fence = b.fence()
+    assert check(b_fence) is None and "\n" not in check()
+    b.release()
+    assert "(claim 2) was deleted or released" in check(b_fence)
+    c = make(tmp_path, fake, other_machine("node-c"))
+    c.acquire()  # the released record kept the count
+    c_fence = c.fence()
+    assert c_fence.number == 3
+    (tmp_path / "dup" / LEASE_FILE).unlink()
+    assert "was deleted or released" in check(c_fence)
+    d = make(tmp_path, fake, other_machine("node-d"))
+    d.acquire()  # the count starts again, but the token still tells the claims apart
+    assert d.fence().number == 1 and "was taken over: it is now claim 1 by host node-d" in check()
+
+
+def take_over(tmp_path, name: str, host: str = "node-b") -> DriverLease:
+    """Another driver takes the run over (its clock 61 s on: the current holder looks stale to it)."""
+    fake = FakeClock(time.time() + 61)
+    taker = make(tmp_path, fake, other_machine(host, 99), name=name, settle_s=0.01)
+    taker.acquire()
+    return taker
+
+
+def test_a_worker_stores_nothing_once_its_run_was_taken_over(tmp_path):
+    """The real loop (one rank, no Ray) trains under a fence; after its first checkpoint another
+    driver takes the run over. The next checkpoint is not stored, no export is made, and the loop
+    stops with Fenced. A restart of the old run then touches nothing either: its tidy, which would
+    remove the new run's checkpoints as orphans, is fenced too."""
+    from local_edge import LocalEdge
+    from tiny import make_config
+
+    from cape_ray.worker import train_loop_per_worker
+
+    config = make_config(tmp_path, "fenced", epochs=1)
+    holder = DriverLease(str(tmp_path), "fenced", timeout_s=60, interval_s=10, settle_s=0.01,
+                         identity=other_machine("node-a"))
+    holder.acquire()
+    loop_config = {**config.to_dict(), lease.FENCE_KEY: holder.fence().to_dict()}
+    edge = LocalEdge(tmp_path / "fenced", quiet=True)
+    report = edge.report
+
+    def report_then_taken_over(metrics, stored, name):
+        report(metrics, stored, name)
+        take_over(tmp_path, "fenced")
+
+    edge.report = report_then_taken_over
+    with pytest.raises(lease.Fenced, match=r"checkpoint \S+_s000002 not stored: the driver lease of this run "
+                                           r"\(claim 1\) was taken over: it is now claim 2 by host node-b"):
+        train_loop_per_worker(loop_config, edge)
+    run_dir = tmp_path / "fenced"
+    assert [name for name, _ in edge.reports] == ["checkpoint_e001_lr3e-3_bs2_acc2_qpe2_s000001"]
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint_e001_lr3e-3_bs2_acc2_qpe2_s000001",
+                                                         LEASE_FILE]
+
+    (run_dir / "checkpoint_e001_lr3e-3_bs2_acc2_qpe2_s000003").mkdir()  # the new run's, unregistered here
+    with pytest.raises(lease.Fenced, match="nothing tidied"):
+        train_loop_per_worker(loop_config, LocalEdge.after(edge))
+    assert (run_dir / "checkpoint_e001_lr3e-3_bs2_acc2_qpe2_s000003").is_dir()
+
+
+def test_the_history_writes_nothing_once_its_run_was_taken_over(tmp_path):
+    from types import SimpleNamespace
+
+    from ray.train import RunConfig
+
+    from cape_ray import history
+
+    holder = DriverLease(str(tmp_path), "hist", timeout_s=60, interval_s=10, settle_s=0.01,
+                         identity=other_machine("node-a"))
+    holder.acquire()
+    context = SimpleNamespace(run_config=RunConfig(name="hist", storage_path=str(tmp_path)))
+    callback = history.RunHistory(tensorboard=False, fence=holder.fence())
+    metrics = [{"epoch": 1, "step": 1, "global_step": 1, "validated": 0, "train_loss": 1.0}]
+    callback.after_report(context, metrics, None)
+    path = tmp_path / "hist" / history.METRICS_FILE
+    assert len(path.read_text().splitlines()) == 1
+
+    take_over(tmp_path, "hist")
+    callback.after_report(context, [{**metrics[0], "step": 2, "global_step": 2}], None)
+    callback.after_exception(context, {0: RuntimeError("worker died")})
+    assert len(path.read_text().splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------- end to end, real drivers
+
+
+def run_files(run_dir) -> dict[str, tuple[int, int]]:
+    """Every file of the run directory but the lease: path -> (size, mtime_ns)."""
+    files = {}
+    for path in run_dir.rglob("*"):
+        if path.is_file() and path.name != LEASE_FILE:
+            info = path.stat()
+            files[path.relative_to(run_dir).as_posix()] = (info.st_size, info.st_mtime_ns)
+    return files
+
+
+def wait_for_idle_cluster(timeout: float = 120) -> None:
+    import ray
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if ray.available_resources().get("CPU", 0) >= ray.cluster_resources().get("CPU", 0):
+            return
+        time.sleep(0.2)
+    raise AssertionError("Ray still runs the stopped driver's workers")
+
+
+@pytest.mark.slow
+def test_a_stopped_driver_taken_over_exits_without_writing(ray_cluster, tmp_path):
+    """Driver A trains; it is SIGSTOPped past its lease timeout while its Ray workers and controller
+    run on. Driver B, a real `cape-ray train` of the same run, takes it over, and is held still by
+    the test once it has claimed, so that every write seen is A's. From B's claim on no file of the
+    run directory changes (checkpoints, exports, metrics.jsonl, TensorBoard): A's workers and its
+    history callback stopped at their fence, long before A's epoch would have ended. SIGCONT A: it
+    exits with the lease-lost status, writing nothing. (That a rerun resumes is test_ray_job's.)"""
+    import signal
+
+    from tiny import cli_flags, make_config
+
+    # 200 steps at a checkpoint every 5: A, unfenced, would write for many seconds after B's claim.
+    config = make_config(tmp_path, "stop", epochs=1, episodes_per_epoch=800, checkpoint_every_steps=5)
+    command = [sys.executable, "-m", "cape_ray", "train", *cli_flags(config)]
+    base = {k: v for k, v in os.environ.items() if not k.startswith("CAPE_LEASE_")}
+    base["RAY_ADDRESS"] = ray_cluster
+    run_dir = tmp_path / "stop"
+    lease_path = run_dir / LEASE_FILE
+    logs = {name: open(tmp_path / f"{name}.log", "w") for name in ("a", "b")}
+    a = subprocess.Popen(command, env={**base, lease.TIMEOUT_ENV: "4", lease.INTERVAL_ENV: "0.5",
+                                       lease.SETTLE_ENV: "0.2"}, stdout=logs["a"], stderr=subprocess.STDOUT)
+    b = None
+    try:
+        deadline = time.time() + 240
+        while not (list(run_dir.glob("checkpoint_*")) and (run_dir / "metrics.jsonl").exists()):
+            assert a.poll() is None and time.time() < deadline, (tmp_path / "a.log").read_text()[-3000:]
+            time.sleep(0.1)
+        a.send_signal(signal.SIGSTOP)
+        while time.time() - json.loads(lease_path.read_text())["heartbeat"] <= 4.5:  # stale by A's own 4 s
+            time.sleep(0.1)
+
+        b = subprocess.Popen(command, env={**base, lease.TIMEOUT_ENV: "120", lease.SETTLE_ENV: "3"},
+                             stdout=logs["b"], stderr=subprocess.STDOUT)
+        deadline = time.time() + 120
+        while json.loads(lease_path.read_text()).get("pid") != b.pid:
+            assert b.poll() is None and time.time() < deadline, (tmp_path / "b.log").read_text()[-3000:]
+            time.sleep(0.01)
+        b.send_signal(signal.SIGSTOP)  # within its settle delay: B has not started Ray yet
+        claimed = json.loads(lease_path.read_text())
+        at_takeover = run_files(run_dir)
+        assert claimed["fence"] == 2 and claimed["timeout_s"] == 120
+
+        wait_for_idle_cluster()  # A's workers ended on their own (B has none yet)
+        a.send_signal(signal.SIGCONT)
+        assert a.wait(timeout=60) == lease.EXIT_LEASE_LOST, (tmp_path / "a.log").read_text()[-3000:]
+        assert "cape-ray train: error: run 'stop'" in (tmp_path / "a.log").read_text()
+        assert run_files(run_dir) == at_takeover, "the run directory changed after the takeover"
+        assert json.loads(lease_path.read_text())["token"] == claimed["token"]
+        checkpoints = [name for name in at_takeover if name.startswith("checkpoint_e")]
+        assert checkpoints and all("_s0" in name for name in checkpoints), checkpoints  # mid-epoch only
+        assert "metrics.jsonl" in at_takeover
+    finally:
+        for process in (a, b):
+            if process is not None and process.poll() is None:
+                process.kill()
+                process.wait()
+        for log in logs.values():
+            log.close()

@@ -159,6 +159,28 @@ def test_worker_killed_mid_epoch_resumes_bitwise(reference, tiny_config, tmp_pat
         assert ckpt.verify_checkpoint(run_dir / name) == []
 
 
+def test_a_worker_killed_during_a_background_write_resumes_from_the_previous_checkpoint(reference, tiny_config,
+                                                                                    tmp_path):
+    """Rank 0's writer is uploading epoch 2's second mid-epoch checkpoint (one file of it written)
+    when its process is SIGKILLed: the previous checkpoint is the resume point, intact; the partial
+    one never verifies, is removed and redone, and the run ends bitwise the uninterrupted one."""
+    from ray import cloudpickle
+
+    import faults
+
+    cloudpickle.register_pickle_by_value(faults)
+    config = tiny_config("store_killed", **TWO_WORKERS)
+    partial = "checkpoint_e002_lr3e-3_bs2_acc2_qpe2_s000002"
+    plan = {"checkpoint": partial, "marker": str(tmp_path / "killed.marker")}
+    result = fit(config, faults.train_and_die_while_storing, {**config.to_dict(), "_kill_in_store": plan})
+    assert result.error is None and os.path.exists(plan["marker"]), "the writer was never killed"
+    run_dir = tmp_path / "store_killed"
+    assert_bitwise_equal(final_checkpoint(run_dir), reference[1])
+    for path in run_dir.iterdir():
+        if path.is_dir() and path.name.startswith("checkpoint_"):
+            assert ckpt.verify_checkpoint(path) == [], path.name  # the partial one was redone whole
+
+
 def test_driver_killed_then_rerun_resumes_bitwise(reference, ray_cluster, tiny_config):
     config = tiny_config("driver", **TWO_WORKERS)
     env = {**os.environ, "RAY_ADDRESS": ray_cluster}

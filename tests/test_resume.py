@@ -160,3 +160,62 @@ def test_a_run_that_stopped_early_trains_nothing_on_rerun(tmp_path, capfd):
     train_loop_per_worker(config.to_dict(), rerun)
     assert rerun.reports == [] and directories(tmp_path / "early") == before
     assert "early stopping already triggered at epoch 2; nothing to train" in capfd.readouterr().out
+
+
+@pytest.mark.parametrize("crash_point", ["stored-not-exported", "deleting-a-replaced-export"])
+def test_a_crash_at_each_step_of_a_new_best_keeps_the_right_exports(reference, tmp_path, monkeypatch, crash_point):
+    """The sequence of a new best: the checkpoint stored; its exports made; Ray registers it (the
+    two crashes around the registration are above); the exports it replaced deleted once Ray
+    committed it. A crash at each step restores a checkpoint whose exports all exist, and the run
+    ends as the uninterrupted one, exports included."""
+    from cape_ray import checkpointer as checkpointer_module, storage
+
+    crashed = []
+    if crash_point == "stored-not-exported":
+        sync_exports = checkpointer_module.sync_exports
+
+        def crash_before_exporting(fs, run_dir, exports, **options):
+            exports = list(exports)
+            if options.get("refresh") and exports and not crashed:
+                crashed.append(exports)
+                raise Crash("the checkpoint is stored, its exports are not made")
+            return sync_exports(fs, run_dir, exports, **options)
+
+        monkeypatch.setattr(checkpointer_module, "sync_exports", crash_before_exporting)
+    else:
+        delete = storage.delete_dir_quietly
+
+        def crash_while_deleting(fs, path):
+            if path.rsplit("/", 1)[-1].startswith("checkpoint_best_") and not crashed:
+                crashed.append(path)
+                delete(fs, path)  # the first replaced export goes, then the process dies
+                raise Crash("deleting the exports a new best replaced")
+            return delete(fs, path)
+
+        monkeypatch.setattr(storage, "delete_dir_quietly", crash_while_deleting)
+    config = config_for(tmp_path, crash_point)
+    first = LocalEdge(tmp_path / crash_point)
+    with pytest.raises(Crash):
+        train_loop_per_worker(config.to_dict(), first)
+    assert crashed
+    train_loop_per_worker(config.to_dict(), LocalEdge.after(first))
+    assert_same_run(tmp_path / crash_point, reference)
+
+
+def test_an_export_outlives_the_checkpoint_it_was_made_from(reference, tmp_path):
+    """Retention ranks by PCK, so the checkpoint holding the best loss can be deleted; its export is
+    a whole checkpoint of its own, complete before that checkpoint was even registered: the run
+    (crashed and resumed after that deletion) keeps it and ends with the reference's exports."""
+    config = config_for(tmp_path, "evicted")
+    first = LocalEdge(tmp_path / "evicted", crash_after=2 * REPORTS_PER_EPOCH + 1)  # epoch 3, after step 1
+    with pytest.raises(Crash):
+        train_loop_per_worker(config.to_dict(), first)
+    run_dir = tmp_path / "evicted"
+    best_loss = ckpt.read_state(first.latest)["tracking"]["best"]["val_loss"]
+    assert best_loss["checkpoint"] != Path(first.latest).name and (run_dir / best_loss["export"]).is_dir()
+    shutil.rmtree(run_dir / best_loss["checkpoint"])  # what Ray's retention may do
+    train_loop_per_worker(config.to_dict(), LocalEdge.after(first))
+    assert directories(run_dir) == [d for d in directories(reference) if d != best_loss["checkpoint"]]
+    for name in directories(run_dir):
+        if name.startswith("checkpoint_best_"):
+            assert_same_checkpoint(run_dir / name, reference / name)

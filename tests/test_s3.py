@@ -22,9 +22,10 @@ import pytest
 from cape_ray import checkpoint as ckpt, storage
 from cape_ray.job import build_trainer
 from s3_server import BUCKET, s3_uri
-from tiny import make_config
+from tiny import make_config, write_checkpoint
 
 pytestmark = pytest.mark.slow
+
 
 def test_uri_query_carries_endpoint_and_credentials(s3_endpoint):
     fs, path = storage.resolve(s3_uri(s3_endpoint, "probe"))
@@ -34,6 +35,31 @@ def test_uri_query_carries_endpoint_and_credentials(s3_endpoint):
     assert storage.list_dirs(fs, path, "") == ["x"]
     storage.delete_dir(fs, f"{path}/x")
     assert not storage.exists(fs, f"{path}/x")
+
+
+def test_size_check_reads_the_manifest_only_and_the_full_check_every_byte(s3_endpoint, tmp_path):
+    local = write_checkpoint(tmp_path / "local", "checkpoint_e001", make_config(tmp_path), ranks=2)
+    fs, path = storage.resolve(s3_uri(s3_endpoint, "checks/checkpoint_e001"))
+    storage.upload_checkpoint(str(local), fs, path)
+    assert storage.size_problems(fs, path) == [] and storage.problems(fs, path) == []
+
+    data = bytearray((local / "optimizer.pt").read_bytes())
+    data[len(data) // 2] ^= 0xFF  # corrupted in place, same size
+    with fs.open_output_stream(f"{path}/optimizer.pt") as out:
+        out.write(bytes(data))
+    assert storage.size_problems(fs, path) == []
+    assert storage.problems(fs, path) == [f"s3://{path}/optimizer.pt does not match its SHA-256 in the manifest "
+                                          f"(corrupted)"]
+
+    with fs.open_output_stream(f"{path}/rng/rank_00002.pt") as out:  # not listed
+        out.write(b"x")
+    fs.delete_file(f"{path}/rng/rank_00001.pt")
+    assert storage.size_problems(fs, path) == [
+        f"s3://{path}/rng/rank_00001.pt is missing",
+        f"s3://{path}/rng/rank_00002.pt is not listed in s3://{path}/manifest.json (not written with this "
+        f"checkpoint): remove it, or use another checkpoint"]
+    fs.delete_file(f"{path}/manifest.json")
+    assert storage.size_problems(fs, path) == [f"s3://{path}/manifest.json is missing (checkpoint incomplete)"]
 
 
 def test_killed_worker_and_driver_rerun_on_s3(ray_cluster, s3_endpoint, tmp_path):

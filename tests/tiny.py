@@ -8,6 +8,7 @@ queries per validation category; 32 px images and a 16-channel model. Tests chan
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Optional
 
@@ -29,8 +30,18 @@ TINY = dict(
 )
 
 
+# The ViT model at test size: DINOv2 ViT-S/14's architecture with 2 blocks of width 32, at 28 px (a
+# 2 x 2 grid of patches), and a 2-layer decoder of width 32.
+TINY_VIT = dict(model="vit", image_size=28, feature_dim=32, refine_layers=2,
+                model_kwargs={"backbone_args": {"depth": 2, "embed_dim": 32, "num_heads": 2}})
+
+
 def make_config(storage_path, name: str = "run", **changes) -> TrainConfig:
     return TrainConfig(**{**TINY, "name": name, "storage_path": str(storage_path), **changes})
+
+
+def tiny_vit(storage_path, name: str = "vit", **changes) -> TrainConfig:
+    return make_config(storage_path, name, **{**TINY_VIT, **changes})
 
 
 def cli_flags(config: TrainConfig) -> list[str]:
@@ -40,7 +51,11 @@ def cli_flags(config: TrainConfig) -> list[str]:
     for key, value in config.to_dict().items():
         if value == defaults[key] or value is None:
             continue
-        if isinstance(value, bool):
+        if isinstance(value, dict):
+            flags += [f"--{key}", json.dumps(value)]
+        elif key == "tracker":
+            flags += [item for tracker in value.split(",") for item in ("--tracker", tracker)]
+        elif isinstance(value, bool):
             flags.append(f"--{key}" if value else f"--no-{key.replace('_', '-')}")
         else:
             flags += [f"--{key}", str(value)]
@@ -72,5 +87,5 @@ def write_checkpoint(run_dir, name: str, config: TrainConfig, *, seed: int = 0, 
     checkpointer = Checkpointer(config, fs=pafs.LocalFileSystem(), run_dir=str(run_dir), latest=None, registered=(),
                                 rank=0, world_size=ranks, report=lambda metrics, stored, name: None,
                                 gather=lambda blob: blobs, all_reduce=dict)
-    checkpointer.save(name, state, model, optimizer, scheduler, rank_states[0], metrics or {"val_pck": 0.5})
+    checkpointer.save(name, state, model, optimizer, scheduler, rank_states[0], metrics or {"val_pck": 0.5}, wait=True)
     return Path(run_dir) / name

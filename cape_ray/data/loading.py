@@ -26,14 +26,21 @@ def load_dataset(config: TrainConfig, subset: str) -> KeypointDataset:
 
 
 def load_split(config: TrainConfig, subset: str, num_queries: int) -> PreparedSplit:
-    """The prepared split: MP-100 files through the node's cache (`--cache_dir`), else prepared here.
-
-    The built-in data are not cached: they are generated from a few integers (about 3 s for the
-    default set, 9 s for the hard one) and take tens of MB per worker at the default sizes, so a
-    cache would save little, and its key would need a version of the generator's code to stay correct.
-    """
-    if config.data_root is None or not config.cache_dir:
+    """The prepared split through the node's cache (`--cache_dir`; '' = prepared here every time):
+    MP-100 files in the prepared-split cache (cache.py), the built-in data in builtin_cache.py."""
+    def prepared() -> PreparedSplit:
         return prepare(load_dataset(config, subset), config.image_size, config.num_shots, num_queries)
+
+    if not config.cache_dir:
+        return prepared()
+    if config.data_root is None:
+        from cape_ray.data.builtin_cache import open_or_prepare
+
+        params = {"data": config.data, "data_seed": config.data_seed, "image_size": config.image_size,
+                  "num_shots": config.num_shots, "num_queries": num_queries,
+                  "instances_per_category": config.synthetic_instances_per_category,
+                  "canvas": config.synthetic_canvas}
+        return open_or_prepare(config.cache_dir, subset, params, prepared)
     from cape_ray.data.cache import open_or_build
     from cape_ray.data.mp100 import annotation_path
 

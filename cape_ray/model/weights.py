@@ -13,6 +13,8 @@ the tensors loaded, missing and unexpected, and refuses a shape mismatch naming 
 from __future__ import annotations
 
 import hashlib
+import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -61,21 +63,50 @@ def file_sha256(path: str | Path) -> str:
 
 
 def hub_state_dict(source: str, backbone: str) -> dict[str, torch.Tensor]:
-    """Weights named `hf-hub:ORG/NAME` or `timm:NAME` (timm's pretrained tag), through timm's
-    downloader. Where the Hub cannot be reached: ModelError saying how to pass a file instead."""
-    import timm
-
+    """Weights named `hf-hub:ORG/NAME` or `timm:NAME` (timm's pretrained tag; `timm:` alone: the
+    backbone's), from the local Hugging Face cache or downloaded. Where the Hub cannot be reached:
+    ModelError saying how to fetch the file elsewhere and pass it instead."""
     name = source.split(":", 1)[1] or backbone
-    model_name = f"hf-hub:{name}" if source.startswith("hf-hub:") else name
+    if source.startswith("hf-hub:"):
+        repo = name
+    else:
+        import timm
+
+        try:
+            repo = timm.models.get_pretrained_cfg(name).hf_hub_id
+        except Exception:  # noqa: BLE001 - timm raises several kinds for an unknown name
+            repo = None
+        if not repo:
+            raise ModelError(f"--pretrained {source}: timm knows no Hugging Face weights for {name!r}; pass "
+                             f"hf-hub:ORG/NAME or a file")
+    advice = (f"on a machine with internet run `hf download {repo} model.safetensors --local-dir weights/`, copy "
+              f"the file here and pass --pretrained weights/model.safetensors")
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+    cached = try_to_load_from_cache(repo, "model.safetensors")
+    if isinstance(cached, str):
+        return read_state_dict(cached)
+    if not hub_reachable():
+        raise ModelError(f"--pretrained {source}: the Hugging Face Hub cannot be reached from here; {advice}")
     try:
-        model = timm.create_model(model_name, pretrained=True, num_classes=0)
-    except Exception as exc:
-        repo = name if source.startswith("hf-hub:") else f"timm/{name}"
-        raise ModelError(
-            f"--pretrained {source}: the Hugging Face Hub cannot be reached from here ({type(exc).__name__}); on a "
-            f"machine with internet run `hf download {repo} model.safetensors --local-dir weights/`, copy the file "
-            f"here and pass --pretrained weights/model.safetensors") from None
-    return model.state_dict()
+        return read_state_dict(hf_hub_download(repo, "model.safetensors"))
+    except ModelError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - no such repo, no such file, a network error
+        raise ModelError(f"--pretrained {source}: cannot download {repo}/model.safetensors ({type(exc).__name__}); "
+                         f"{advice}") from None
+
+
+def hub_reachable(host: str = "huggingface.co", timeout_s: float = 3.0) -> bool:
+    """Whether the Hub answers at all (a TCP connect), so that a machine without internet is told in
+    seconds, not after the download client's retries."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    try:
+        socket.create_connection((host, 443), timeout=timeout_s).close()
+        return True
+    except OSError:
+        return False
 
 
 def load_pretrained(model: nn.Module, source: str, backbone: str = "") -> LoadReport:
