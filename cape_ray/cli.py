@@ -262,6 +262,9 @@ def cmd_make_data(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     if args.mp100_sizes:
         import os
 
+        if args.preset != "default":
+            parser.error("--mp100_sizes writes the default categories; it does not apply to --preset hard")
+
         from cape_ray.data.synthetic_large import export_mp100_sized
 
         if not args.scale > 0:
@@ -274,12 +277,14 @@ def cmd_make_data(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         from cape_ray.data.mp100 import export_synthetic
 
         export_synthetic(args.out, seed=args.seed, instances_per_category=args.instances_per_category,
-                         canvas=args.canvas, split=args.split)
+                         canvas=args.canvas, split=args.split, preset=args.preset)
     print(f"wrote MP-100-format data to {args.out} (annotations/mp100_split{args.split}_*.json, images/)")
     return 0
 
 
 def _add_data_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", default=None, choices=["builtin", "builtin-hard", "mp100"],
+                        help="data source (default: the checkpoint's; mp100 with --data_root)")
     parser.add_argument(*_both("data_root"), dest="data_root", default=None,
                         help="MP-100-format files (default: the checkpoint's data, built-in if it had none)")
     parser.add_argument(*_both("mp100_split"), dest="mp100_split", type=int, default=None, choices=[1, 2, 3, 4, 5],
@@ -310,7 +315,8 @@ def cmd_evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
         report = evaluate.run(args.checkpoint, args.split, data_root=args.data_root, mp100_split=args.mp100_split,
                               num_shots=args.num_shots, episodes=args.episodes, queries=args.queries, seed=args.seed,
                               batch_size=args.batch_size, device=args.device,
-                              feature_cache=not args.no_feature_cache, with_loss=args.with_loss, verbose=True)
+                              feature_cache=not args.no_feature_cache, with_loss=args.with_loss, verbose=True,
+                              data=args.data)
     except evaluate.EvaluationError as exc:
         print(f"cape-ray evaluate: error: {exc}", file=sys.stderr)
         return 1
@@ -388,7 +394,8 @@ def cmd_show(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     try:
         out = plots.show_predictions(args.checkpoint, args.out, args.split, episodes=args.episodes,
                                      queries=args.queries, num_shots=args.num_shots, data_root=args.data_root,
-                                     mp100_split=args.mp100_split, seed=args.seed, device=args.device, dpi=args.dpi)
+                                     mp100_split=args.mp100_split, seed=args.seed, device=args.device, dpi=args.dpi,
+                                     data=args.data)
     except evaluate.EvaluationError as exc:
         print(f"cape-ray show: error: {exc}", file=sys.stderr)
         return 1
@@ -448,6 +455,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     make_data = commands.add_parser("make-data", help="export the built-in categories as MP-100-format files")
     make_data.add_argument("--out", required=True, help="output directory")
+    make_data.add_argument("--preset", choices=["default", "hard"], default="default",
+                           help="which built-in categories: default (as --data builtin) or hard (as --data "
+                                "builtin-hard: families, K 5-40, occlusion, truncation, symmetry, clutter)")
     make_data.add_argument(*_both("data_seed"), "--seed", dest="seed", type=int, default=0,
                            help="the built-in categories' seed: train with the same --data_seed to train on this data")
     make_data.add_argument("--instances_per_category", "--instances-per-category", type=int, default=60)

@@ -111,14 +111,21 @@ def fetch_checkpoint(uri: str, scratch: str) -> str:
 
 
 def evaluation_config(saved: dict[str, Any], *, data_root: Optional[str] = None,
-                      mp100_split: Optional[int] = None, num_shots: Optional[int] = None) -> TrainConfig:
-    """The checkpoint's config with the data location and shot count overridden where given.
+                      mp100_split: Optional[int] = None, num_shots: Optional[int] = None,
+                      data: Optional[str] = None) -> TrainConfig:
+    """The checkpoint's config with the data source, location and shot count overridden where given
+    (`data`: builtin | builtin-hard | mp100; a data_root alone means MP-100 files there).
 
     Overrides go into the dict before validation: the saved data_root may not exist on this machine.
     """
     values = dict(saved)
+    if data is not None:
+        values["data"] = data
+        if data != "mp100":
+            values["data_root"] = None
     if data_root is not None:
         values["data_root"] = data_root
+        values["data"] = "mp100" if data is None else data
     if mp100_split is not None:
         values["mp100_split"] = mp100_split
     if num_shots is not None:
@@ -151,12 +158,14 @@ class EvalSetup:
     def data_description(self) -> str:
         if self.config.data_root is not None:
             return f"MP-100 files {self.config.data_root} split {self.config.mp100_split}"
-        return f"built-in categories (data_seed {self.config.data_seed})"
+        kind = "hard built-in" if self.config.data == "builtin-hard" else "built-in"
+        return f"{kind} categories (data_seed {self.config.data_seed})"
 
 
 def setup(checkpoint: str, split: str = "test", *, data_root: Optional[str] = None,
           mp100_split: Optional[int] = None, num_shots: Optional[int] = None, episodes: Optional[int] = None,
-          queries: int = MP100_QUERIES, seed: Optional[int] = None, device: Optional[str] = None) -> EvalSetup:
+          queries: int = MP100_QUERIES, seed: Optional[int] = None, device: Optional[str] = None,
+          data: Optional[str] = None) -> EvalSetup:
     """Verify and load the checkpoint, build its model, prepare the split and its fixed episodes."""
     if split not in SPLITS:
         raise EvaluationError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
@@ -170,7 +179,7 @@ def setup(checkpoint: str, split: str = "test", *, data_root: Optional[str] = No
         local = fetch_checkpoint(checkpoint, scratch)
         loaded = ckpt.load_checkpoint(local, map_location="cpu", verified=True)  # fetch_checkpoint verified it
     config = evaluation_config(loaded.state["config"], data_root=data_root, mp100_split=mp100_split,
-                               num_shots=num_shots)
+                               num_shots=num_shots, data=data)
     model = model_from_record(loaded.state, checkpoint)
     try:
         model.load_state_dict(loaded.model)
@@ -245,11 +254,12 @@ def summarize(sums_by_category: dict[int, dict[str, float]], split: PreparedSpli
 def run(checkpoint: str, split: str = "test", *, data_root: Optional[str] = None, mp100_split: Optional[int] = None,
         num_shots: Optional[int] = None, episodes: Optional[int] = None, queries: int = MP100_QUERIES,
         seed: Optional[int] = None, batch_size: Optional[int] = None, device: Optional[str] = None,
-        feature_cache: bool = True, with_loss: bool = False, verbose: bool = False) -> dict[str, Any]:
+        feature_cache: bool = True, with_loss: bool = False, verbose: bool = False,
+        data: Optional[str] = None) -> dict[str, Any]:
     """Evaluate `checkpoint` on `split`; returns the JSON-ready report (see `format_report`)."""
     started = time.perf_counter()
     ev = setup(checkpoint, split, data_root=data_root, mp100_split=mp100_split, num_shots=num_shots,
-               episodes=episodes, queries=queries, seed=seed, device=device)
+               episodes=episodes, queries=queries, seed=seed, device=device, data=data)
     loaded_s = time.perf_counter() - started
     batch_size = default_batch_size(ev.device) if batch_size is None else int(batch_size)
 

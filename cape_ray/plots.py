@@ -193,13 +193,13 @@ def _draw_skeleton(ax, points: np.ndarray, edges: Sequence[tuple[int, int]], dra
 def show_predictions(checkpoint: str, out: Optional[str] = None, split: str = "val", *, episodes: int = 4,
                      queries: int = 4, num_shots: Optional[int] = None, data_root: Optional[str] = None,
                      mp100_split: Optional[int] = None, seed: Optional[int] = None, device: Optional[str] = None,
-                     dpi: int = DPI) -> str:
+                     dpi: int = DPI, data: Optional[str] = None) -> str:
     """Write a grid of support / query images with ground truth and predictions; returns its path."""
     from cape_ray import evaluate
     from cape_ray.metrics import PCK_THRESHOLDS, pck_per_pair, pck_valid_mask
 
     ev = evaluate.setup(checkpoint, split, data_root=data_root, mp100_split=mp100_split, num_shots=num_shots,
-                        episodes=1, queries=queries, seed=seed, device=device or "cpu")
+                        episodes=1, queries=queries, seed=seed, device=device or "cpu", data=data)
     chosen = ev.episodes[:episodes]  # one fixed episode per category, the first categories
     batch, predictions = evaluate.predict(ev.model, ev.data, chosen)
     valid = pck_valid_mask(batch.query_visible, batch.support_visible, batch.keypoint_mask)

@@ -51,3 +51,18 @@ def test_a_damaged_file_or_other_parameters_generate_it_again(tmp_path, caplog):
     assert "does not match its checksum; generating it again" in caplog.text
     other = load_split(config.replace(data_seed=1), "val", 3)  # another seed: another file
     assert len(list((tmp_path / builtin_cache.SUBDIRECTORY).glob("*.pt"))) == 2 and not same(other, reference)
+
+
+def test_the_hard_set_is_cached_apart_from_the_default_one(tmp_path, monkeypatch):
+    from cape_ray.data import synthetic_hard
+
+    config = TrainConfig(data="builtin-hard", cache_dir=str(tmp_path), synthetic_instances_per_category=4,
+                         synthetic_canvas=48, image_size=32)
+    fresh = load_split(config.replace(cache_dir=""), "val", 2)
+    first = load_split(config, "val", 2)
+    monkeypatch.setattr(synthetic_hard, "make_hard_split", lambda *a, **k: pytest.fail("generated again"))
+    assert same(fresh, first) and same(fresh, load_split(config, "val", 2))
+    default = load_split(config.replace(data="builtin"), "val", 2)  # same sizes, the other generator
+    assert not same(default, first)
+    names = sorted(p.name for p in (tmp_path / builtin_cache.SUBDIRECTORY).glob("*.pt"))
+    assert len(names) == 2 and names[0].startswith("val-builtin-") and names[1].startswith("val-builtin-hard-")

@@ -11,16 +11,18 @@ from cape_ray.data.transforms import PreparedSplit, prepare
 
 
 def load_dataset(config: TrainConfig, subset: str) -> KeypointDataset:
-    """The raw instances of `subset` (train / val / test): MP-100 files or the built-in generator."""
+    """The raw instances of `subset` (train / val / test): MP-100 files or a built-in generator
+    (`--data builtin`: synthetic.py; `--data builtin-hard`: synthetic_hard.py)."""
     if config.data_root is not None:
         from cape_ray.data.mp100 import load_mp100
 
         return load_mp100(config.data_root, config.mp100_split, subset)
-    from cape_ray.data.synthetic import make_synthetic_split
-
-    return make_synthetic_split(subset, seed=config.data_seed,
-                                instances_per_category=config.synthetic_instances_per_category,
-                                canvas=config.synthetic_canvas)
+    if config.data == "builtin-hard":
+        from cape_ray.data.synthetic_hard import make_hard_split as make_split
+    else:
+        from cape_ray.data.synthetic import make_synthetic_split as make_split
+    return make_split(subset, seed=config.data_seed, instances_per_category=config.synthetic_instances_per_category,
+                      canvas=config.synthetic_canvas)
 
 
 def load_split(config: TrainConfig, subset: str, num_queries: int) -> PreparedSplit:

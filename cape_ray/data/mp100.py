@@ -386,9 +386,14 @@ def write_mp100(datasets: dict[str, KeypointDataset], out_dir: PathLike, split: 
 
 
 def export_synthetic(out_dir: PathLike, seed: int = 0, instances_per_category: int = 60, canvas: int = 96,
-                     split: int = 1) -> dict[str, Path]:
-    """Render the built-in synthetic categories and write them as an MP-100 dataset (`make-data`)."""
-    from .synthetic import make_synthetic_split
-
-    datasets = {subset: make_synthetic_split(subset, seed, instances_per_category, canvas) for subset in SUBSETS}
+                     split: int = 1, preset: str = "default") -> dict[str, Path]:
+    """Render built-in categories (`preset` default: synthetic.py, hard: synthetic_hard.py) and write
+    them as an MP-100 dataset (`make-data`)."""
+    if preset == "hard":
+        from .synthetic_hard import make_hard_split as make_split
+    elif preset == "default":
+        from .synthetic import make_synthetic_split as make_split
+    else:
+        raise ValueError(f"preset must be default or hard, got {preset!r}")
+    datasets = {subset: make_split(subset, seed, instances_per_category, canvas) for subset in SUBSETS}
     return write_mp100(datasets, out_dir, split)
