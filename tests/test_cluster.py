@@ -182,9 +182,10 @@ def test_a_second_driver_on_a_training_run_fails_fast(head, tmp_path):
 
     storage = tmp_path / "runs"
     env = {**head.env, "RAY_ADDRESS": head.gcs, "HOME": str(tmp_path)}
-    # 200 steps per epoch (about 15 s here) with a checkpoint every 50: long enough to be caught training.
+    # 600 steps per epoch (about 25 s here, longer on a loaded machine) with a checkpoint every 50: long
+    # enough to be caught training, and to outlast the second driver's attempt.
     command = [sys.executable, "-m", "cape_ray", "train", "--name", "dup", "--storage_path", str(storage),
-               *TINY_FLAGS, "--episodes_per_epoch", "800", "--checkpoint_every_steps", "50"]
+               *TINY_FLAGS, "--episodes_per_epoch", "2400", "--checkpoint_every_steps", "50"]
     log = open(tmp_path / "first.log", "w")
     first = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
     try:
