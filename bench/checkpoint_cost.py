@@ -17,8 +17,19 @@ that no variant pays for another's write-back):
                       way hashes were made before: torch.save, then each file read back.
   CPU                 each variant's CPU seconds (all threads): hashing is CPU work, so where no
                       core is idle the wall-clock ratio tends to the inverse of the CPU ratio.
+  background writer   what the training thread pays with the default writer: the snapshot (a copy
+                      of the state in memory, checkpointer.snapshot) and the hand-over to the writer
+                      thread; against the synchronous write (goal <= 10%) and as a share of a
+                      10-minute epoch with one checkpoint (goal <= 1%); and how long the write then
+                      takes in the background.
+  precision           per --precision (fp32, bf16, fp16) and with --grad_checkpointing: seconds
+                      per optimizer step of the ViT model (--step_backbone, default ViT-S/14 at
+                      224 px; 2 episodes of 1 support and 2 queries, 17 keypoints) and the peak
+                      memory the step adds above the built model (RSS on a CPU, allocated memory on
+                      a GPU), each variant in a process of its own.
 
-    python bench/checkpoint_cost.py [--repeats 5] [--dir DIR] [--synthetic]
+    python bench/checkpoint_cost.py [--repeats 5] [--dir DIR] [--synthetic] [--only write,background,precision]
+                                    [--step_backbone vit_small_patch14_dinov2] [--steps 3]
 
 The machine's load is printed before and after: on a shared machine the figures move with it.
 """
@@ -27,12 +38,17 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
+import resource
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -40,6 +56,7 @@ from typing import Callable
 import torch
 
 from cape_ray import checkpoint as ckpt, engine, rng
+from cape_ray.checkpointer import snapshot
 from cape_ray.config import TrainConfig
 from cape_ray.model import build_model
 from cape_ray.state import TrainState
@@ -173,6 +190,125 @@ def synchronous_write(state: CheckpointState, root: Path, repeats: int) -> list[
     return lines
 
 
+def background_writer(state: CheckpointState, root: Path, repeats: int, synchronous_seconds: float | None) -> list[str]:
+    """The training thread's share of a background checkpoint, and the write it hands over."""
+    blocked, written = [], []
+    with ThreadPoolExecutor(1) as writer:
+        for index in range(repeats):
+            target = root / f"background_{index}"
+            os.sync()
+            start = time.perf_counter()
+            parts = snapshot(dict(model=state.model, optimizer=state.optimizer, scheduler=state.scheduler,
+                                  state=state.state, rank_states=state.rank_states))
+            future = writer.submit(ckpt.write_checkpoint, target, **parts)
+            blocked.append(time.perf_counter() - start)
+            future.result()  # here training would go on; the wait only times the background write
+            written.append(time.perf_counter() - start)
+            del parts
+            shutil.rmtree(target)
+    blocked_s, written_s = statistics.median(blocked), statistics.median(written)
+    lines = [f"training thread blocked per checkpoint: {blocked_s:.3f} s (the snapshot in memory and the hand-over)"]
+    if synchronous_seconds:
+        share = blocked_s / synchronous_seconds
+        lines.append(f"  vs the synchronous write ({synchronous_seconds:.3f} s): {share:.1%} "
+                     f"(goal <= 10%: {'met' if share <= 0.10 else 'NOT met'})")
+    epoch_share = blocked_s / 600.0
+    lines += [f"  share of a 10-minute epoch with one checkpoint: {epoch_share:.3%} "
+              f"(goal <= 1%: {'met' if epoch_share <= 0.01 else 'NOT met'})",
+              f"the write itself, in the background thread: {written_s - blocked_s:.3f} s (it shares the cores "
+              f"with training meanwhile)"]
+    return lines
+
+
+# ----------------------------------------------------------------------------- precision
+STEP_EPISODES, STEP_QUERIES, STEP_KEYPOINTS = 2, 2, 17
+
+
+def synthetic_batch(image_size: int) -> SimpleNamespace:
+    generator = torch.Generator().manual_seed(0)
+    b, q, k = STEP_EPISODES, STEP_QUERIES, STEP_KEYPOINTS
+    skeleton = torch.zeros(b, k, k)
+    skeleton[:, torch.arange(k - 1), torch.arange(1, k)] = 1
+    return SimpleNamespace(
+        support_images=torch.rand(b, 1, 3, image_size, image_size, generator=generator),
+        support_keypoints=torch.rand(b, 1, k, 2, generator=generator) * 0.8 + 0.1,
+        support_visible=torch.ones(b, 1, k, dtype=torch.bool),
+        query_images=torch.rand(b, q, 3, image_size, image_size, generator=generator),
+        query_keypoints=torch.rand(b, q, k, 2, generator=generator) * 0.8 + 0.1,
+        query_visible=torch.ones(b, q, k, dtype=torch.bool),
+        keypoint_mask=torch.ones(b, k, dtype=torch.bool),
+        skeleton=skeleton + skeleton.transpose(1, 2))
+
+
+def resident_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def one_variant(backbone: str, precision: str, grad_checkpointing: bool, steps: int) -> dict:
+    """Run in a process of its own: build the ViT model, one warm-up step, then `steps` timed ones."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    config = TrainConfig(model="vit", backbone=backbone, image_size=224, precision=precision,
+                         grad_checkpointing=grad_checkpointing)
+    torch.manual_seed(0)
+    model = build_model(config).to(device)
+    optimizer = engine.build_optimizer(model, config)
+    amp = engine.MixedPrecision(precision, device.type)
+    batch = synthetic_batch(224)
+    engine.train_step(model, optimizer, None, [batch], 1.0, amp)  # the optimizer's moments exist from here
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = resident_bytes()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        engine.train_step(model, optimizer, None, [batch], 1.0, amp)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    return {"seconds": statistics.median(times), "peak_bytes": max(0, peak), "device": device.type,
+            "parameters": sum(p.numel() for p in model.parameters())}
+
+
+def precision_table(backbone: str, steps: int) -> list[str]:
+    variants = [("fp32", False), ("bf16", False), ("fp16", False), ("fp32", True), ("bf16", True)]
+    results = {}
+    for precision, gc in variants:
+        done = subprocess.run([sys.executable, __file__, "--_variant", json.dumps([backbone, precision, gc, steps])],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            results[(precision, gc)] = None
+            print(f"  {precision}{' + grad ckpt' if gc else ''}: failed: {done.stderr.strip().splitlines()[-1:]}")
+            continue
+        results[(precision, gc)] = json.loads(done.stdout.strip().splitlines()[-1])
+    first = next(r for r in results.values() if r)
+    unit = "GPU memory allocated" if first["device"] == "cuda" else "RSS"
+    lines = [f"{backbone} at 224 px ({first['parameters'] / 1e6:.1f}M parameters) on {first['device']}, "
+             f"{STEP_EPISODES} episodes x (1 support + {STEP_QUERIES} queries), {steps} timed steps, medians:",
+             f"{'variant':<26s} {'s/step':>8s} {'vs fp32':>8s} {'peak ' + unit + ' added by a step':>34s}"]
+    fp32 = results.get(("fp32", False))
+    for (precision, gc), r in results.items():
+        if not r:
+            continue
+        name = f"{precision}{' + grad checkpointing' if gc else ''}"
+        speed = f"{fp32['seconds'] / r['seconds']:.2f}x" if fp32 else "-"
+        lines.append(f"{name:<26s} {r['seconds']:8.2f} {speed:>8s} {r['peak_bytes'] / 1e6:30.0f} MB")
+    for precision in ("fp32", "bf16"):
+        off, on = results.get((precision, False)), results.get((precision, True))
+        if off and on and off["peak_bytes"]:
+            lines.append(f"grad checkpointing saves {1 - on['peak_bytes'] / off['peak_bytes']:.0%} of the step's peak "
+                         f"{unit} in {precision} ({off['peak_bytes'] / 1e6:.0f} -> {on['peak_bytes'] / 1e6:.0f} MB) "
+                         f"for {on['seconds'] / off['seconds']:.2f}x the step time")
+    return lines
+
+
 def machine_line(root: Path) -> str:
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     disk = shutil.disk_usage(root)
@@ -185,21 +321,44 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="rounds; each figure is their median")
     parser.add_argument("--dir", default=None, help="where to write (default: a new directory under TMPDIR)")
     parser.add_argument("--synthetic", action="store_true", help="random tensors of the ViT-B state's shapes")
+    parser.add_argument("--only", default="write,background,precision", help="which parts, comma-separated")
+    parser.add_argument("--step_backbone", default="vit_small_patch14_dinov2", help="the ViT of the precision part")
+    parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps per precision variant")
+    parser.add_argument("--_variant", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args._variant:
+        print(json.dumps(one_variant(*json.loads(args._variant))))
+        return
+    parts = set(args.only.split(","))
 
     print(f"$ python {' '.join(sys.argv)}")
     print(f"date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}   torch {torch.__version__}")
-    start = time.perf_counter()
-    state = vit_base_state(args.synthetic)
-    print(f"state: {state.source}: {state.tensor_bytes / 1e6:.0f} MB of tensors (built in "
-          f"{time.perf_counter() - start:.0f} s)")
-    with tempfile.TemporaryDirectory(prefix="checkpoint_cost_", dir=args.dir) as tmp:
-        root = Path(tmp)
-        print(f"before: {machine_line(root)}")
-        print(f"\n== synchronous write ({args.repeats} rounds, medians) ==")
-        for line in synchronous_write(state, root, args.repeats):
+    if parts & {"write", "background"}:
+        start = time.perf_counter()
+        state = vit_base_state(args.synthetic)
+        print(f"state: {state.source}: {state.tensor_bytes / 1e6:.0f} MB of tensors (built in "
+              f"{time.perf_counter() - start:.0f} s)")
+        with tempfile.TemporaryDirectory(prefix="checkpoint_cost_", dir=args.dir) as tmp:
+            root = Path(tmp)
+            print(f"before: {machine_line(root)}")
+            synchronous_seconds = None
+            if "write" in parts:
+                print(f"\n== synchronous write ({args.repeats} rounds, medians) ==")
+                for line in synchronous_write(state, root, args.repeats):
+                    print(line)
+                    if line.startswith("synchronous checkpoint write:"):
+                        synchronous_seconds = float(line.split(":")[1].split()[0])
+            if "background" in parts:
+                print(f"\n== background writer ({args.repeats} rounds, medians) ==")
+                for line in background_writer(state, root, args.repeats, synchronous_seconds):
+                    print(line)
+            print(f"\nafter: {machine_line(root)}")
+        del state
+    if "precision" in parts:
+        print("\n== precision and gradient checkpointing ==")
+        for line in precision_table(args.step_backbone, args.steps):
             print(line)
-        print(f"\nafter: {machine_line(root)}")
+        print(f"load average at end: {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
 if __name__ == "__main__":

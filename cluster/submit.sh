@@ -3,7 +3,8 @@
 #
 #   cluster/submit.sh [--no-wait] [--pip] [--suffix S] [--dry-run] [--] TRAIN_FLAGS...
 #
-# TRAIN_FLAGS go unchanged to `python -m cape_ray train`. --name and --storage_path are required:
+# TRAIN_FLAGS go unchanged to `python -m cape_ray train`. --name and --storage_path are required
+# (as flags, or in the --config file, e.g. `cluster/submit.sh --config examples/cluster.yaml`):
 # a resubmission with the same name and storage resumes the run from its latest checkpoint. Each
 # submission gets a fresh submission id, "<name>-<UTC time>-<random>", so the same run can be
 # submitted again after a failure while Ray keeps every attempt's logs apart.
@@ -50,19 +51,36 @@ while [ $# -gt 0 ]; do
 done
 train_args=("$@")
 
-# The run name and storage decide what a resubmission resumes, so both must be explicit.
-name="" storage=""
+# The run name and storage decide what a resubmission resumes, so both must be explicit: as flags,
+# or as top-level `name:` / `storage_path:` keys of a --config file (flags win, as in cape-ray).
+name="" storage="" config=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --name) name=${2:-} ;;
     --name=*) name=${1#--name=} ;;
     --storage_path | --storage-path | --output_dir | --output-dir) storage=${2:-} ;;
     --storage_path=* | --storage-path=* | --output_dir=* | --output-dir=*) storage=${1#*=} ;;
+    --config) config=${2:-} ;;
+    --config=*) config=${1#--config=} ;;
   esac
   shift
 done
-[ -n "$name" ] || die "give --name RUN: resubmitting the same name resumes the run"
-[ -n "$storage" ] || die "give --storage_path s3://BUCKET/PREFIX (or a shared absolute path)"
+config_value() {  # a top-level `key: value` of the config file, without quotes or a trailing comment
+  sed -n "s/^$1:[[:space:]]*//p" "$config" | head -n 1 | sed -e 's/[[:space:]]#.*$//' -e 's/[[:space:]]*$//' \
+    -e "s/^[\"']//" -e "s/[\"']\$//"
+}
+if [ -n "$config" ]; then
+  # The job runs in a copy of this checkout, so the file must be in it, named relative to it.
+  case "$config" in
+    /*) die "--config $config: give the path relative to $repo (the job runs in a copy of it)" ;;
+  esac
+  [ -f "$repo/$config" ] || die "--config $config: no such file in $repo (the job runs in a copy of it: put the file there)"
+  config="$repo/$config"
+  [ -n "$name" ] || name=$(config_value name)
+  [ -n "$storage" ] || storage=$(config_value storage_path)
+fi
+[ -n "$name" ] || die "give --name RUN (or name: in the --config file): resubmitting the same name resumes the run"
+[ -n "$storage" ] || die "give --storage_path s3://BUCKET/PREFIX or a shared absolute path (or storage_path: in the --config file)"
 case "$storage" in
   *://* | /*) ;;
   *) die "--storage_path $storage is relative: on the cluster it would land in the job's temporary working directory; use s3://... or a shared absolute path" ;;

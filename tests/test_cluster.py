@@ -265,6 +265,23 @@ def test_submit_sh_refuses_what_would_break_a_resume(tmp_path):
     assert no_token.returncode != 0 and "auth token" in no_token.stderr
 
 
+def test_submit_sh_takes_name_and_storage_from_a_config_file(tmp_path):
+    """examples/cluster.yaml names its run and storage; flags still win; a file the job would not
+    have (outside the checkout) is refused before anything is submitted."""
+    words = shlex.split(dry_run("--config", "examples/cluster.yaml", "--epochs", "3").stdout)
+    assert words[words.index("--submission-id") + 1].startswith("mp100_vit_split1_cluster-")
+    assert words[words.index("--") + 1:] == ["python", "-m", "cape_ray", "train", "--config", "examples/cluster.yaml",
+                                             "--epochs", "3"]
+    renamed = shlex.split(dry_run("--config", "examples/cluster.yaml", "--name", "other").stdout)
+    assert renamed[renamed.index("--submission-id") + 1].startswith("other-")
+    outside = tmp_path / "mine.yaml"
+    outside.write_text("name: mine\nstorage_path: s3://b/p\n")
+    refused = dry_run("--config", str(outside))
+    assert refused.returncode == 2 and "relative to" in refused.stderr
+    local = dry_run("--config", "examples/quickstart.yaml")  # storage_path: runs, a local relative path
+    assert local.returncode == 2 and "is relative" in local.stderr
+
+
 def test_submit_sh_keeps_to_bash_3_2_with_empty_arrays():
     """macOS /bin/bash is 3.2: there, under `set -u`, "${a[@]}" of an empty array is an unbound
     variable (fixed in bash 4.4, so no newer bash shows it). Every array expansion must be the
