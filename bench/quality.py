@@ -233,9 +233,9 @@ def train_and_test(config: TrainConfig, args, clock: Clock, verbose: bool = True
                 seconds = validate(step)
                 total_steps = plan(step, seconds)
                 last_val = clock.read()
-            state = scheduler.state_dict()
+            progress = scheduler.progress  # the same position on the re-planned cosine
             scheduler = engine.build_scheduler(optimizer, config, total_steps=total_steps)
-            scheduler.load_state_dict(state)
+            scheduler.set_progress(progress)
         recent_loss.append(train_step(step, scheduler))
         step += 1
     validate(step)

@@ -421,13 +421,19 @@ class LrSchedule:
     more epochs (--lr_schedule extend: `replan`).
 
     state_dict() holds the plan and the progress (primitives); the base LRs come from the optimizer
-    as built from the config, so a forced change of --lr applies from the resume on.
+    as built from the config (before its state is loaded), so a forced change of --lr applies from
+    the resume on.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, *, steps_per_epoch: int, epochs: int, warmup_steps: int,
                  min_lr_ratio: float):
         self.optimizer = optimizer
-        self.base_lrs = [group["lr"] for group in optimizer.param_groups]
+        # The base LR of each group is kept in the group, as torch's schedulers do: a schedule made
+        # later over the same optimizer (re-planned, say) starts from the base, not from the LR the
+        # first one has set by then.
+        for group in optimizer.param_groups:
+            group.setdefault("initial_lr", group["lr"])
+        self.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
         self.steps_per_epoch, self.epochs = int(steps_per_epoch), int(epochs)
         self.warmup_steps, self.min_lr_ratio = int(warmup_steps), float(min_lr_ratio)
         self.progress = 0.0

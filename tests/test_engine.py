@@ -63,6 +63,20 @@ def test_scheduler_warmup_then_cosine():
     assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
 
 
+def test_a_second_schedule_over_the_same_optimizer_starts_from_the_base_lr():
+    """A re-planned schedule (bench/quality.py re-plans as its speed estimate changes) must not take
+    the LR the first schedule has set by then for its base."""
+    config = TrainConfig(lr=1e-3, warmup_steps=10, min_lr_ratio=0.1)
+    optimizer = engine.build_optimizer(torch.nn.Linear(2, 2), config)
+    first = engine.build_scheduler(optimizer, config, total_steps=100)
+    for _ in range(3):
+        first.step()
+    assert math.isclose(optimizer.param_groups[0]["lr"], 4e-4)  # in the warmup
+    second = engine.build_scheduler(optimizer, config, total_steps=200)
+    second.set_progress(first.progress + 20)
+    assert math.isclose(optimizer.param_groups[0]["lr"], 1e-4 + 0.9e-3 * 0.5 * (1 + math.cos(math.pi * 13 / 190)))
+
+
 def test_scheduler_state_dict_round_trip():
     config = TrainConfig(lr=1e-3, warmup_steps=3)
     model = torch.nn.Linear(2, 2)
