@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Optional
 
 import torch
@@ -128,6 +129,10 @@ def check_precision(config: TrainConfig) -> None:
             and not torch.cuda.is_bf16_supported():
         raise ConfigError(f"--precision bf16: {torch.cuda.get_device_name()} does not support bfloat16 (it needs "
                           f"compute capability 8.0 or newer); use --precision fp16")
+    if config.precision == "fp16" and not config.use_gpu:
+        # Allowed (the tests resume fp16 runs on CPU), but CPUs have few fp16 kernels: said once.
+        print("cape-ray train: note: --precision fp16 on CPU workers runs slowly (a ViT-S step took 23x as long "
+              "as in fp32 in bench/checkpoint_cost.py); bf16 is the fast choice on a CPU", file=sys.stderr)
 
 
 def latest_state(config: TrainConfig) -> Optional[dict]:

@@ -155,6 +155,19 @@ def test_precision_changes_the_math(tmp_path):
     assert ckpt.read_state(half.latest)["precision"] == "bf16"
 
 
+def test_precision_preflight_notes_a_slow_fp16_on_cpu_and_refuses_a_missing_autocast(tmp_path, capsys, monkeypatch):
+    from cape_ray import preflight
+    from cape_ray.config import ConfigError
+
+    preflight.check_precision(make_config(tmp_path, "fp16", precision="fp16"))
+    assert "--precision fp16 on CPU workers runs slowly" in capsys.readouterr().err
+    preflight.check_precision(make_config(tmp_path, "bf16", precision="bf16"))
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(torch.amp, "is_autocast_available", lambda device_type: False)
+    with pytest.raises(ConfigError, match="--precision bf16: this torch has no autocast for cpu"):
+        preflight.check_precision(make_config(tmp_path, "bf16", precision="bf16"))
+
+
 # -------------------------------------------------------------------------- pretrained weights
 def backbone_file(tmp_path: Path, config, fmt: str, seed: int = 3) -> tuple[Path, dict]:
     """A tiny timm ViT's weights saved as a .safetensors or torch file: the stand-in for DINOv2's."""
