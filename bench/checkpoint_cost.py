@@ -86,9 +86,9 @@ class CheckpointState:
         return ckpt.tensor_bytes(self.model) + ckpt.tensor_bytes(self.optimizer)
 
 
-def vit_base_state(synthetic: bool) -> CheckpointState:
-    """VitCape (ViT-B/14 DINOv2 backbone, 224 px) after one AdamW step; with `synthetic`, random
-    tensors of the same shapes in the same layout."""
+def vit_base_training() -> tuple[TrainConfig, torch.nn.Module, torch.optim.Optimizer, engine.LrSchedule]:
+    """VitCape (ViT-B/14 DINOv2 backbone, 224 px), its optimizer after one AdamW step (random
+    gradients, no forward pass: the moments exist from here) and its schedule."""
     config = TrainConfig(model="vit", backbone=BACKBONE, image_size=224)
     torch.manual_seed(0)
     model = build_model(config)
@@ -96,9 +96,16 @@ def vit_base_state(synthetic: bool) -> CheckpointState:
     scheduler = engine.build_scheduler(optimizer, config, 1000)
     for parameter in model.parameters():
         parameter.grad = torch.randn_like(parameter) * 1e-3
-    optimizer.step()  # the AdamW moments exist from here
+    optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
+    return config, model, optimizer, scheduler
+
+
+def vit_base_state(synthetic: bool) -> CheckpointState:
+    """The state of `vit_base_training`; with `synthetic`, random tensors of the same shapes in the
+    same layout."""
+    config, model, optimizer, scheduler = vit_base_training()
     model_state, optimizer_state = model.state_dict(), optimizer.state_dict()
     source = f"VitCape({BACKBONE}, 224 px) after one AdamW step"
     if synthetic:
@@ -234,15 +241,7 @@ def checkpointer_save(root: Path, repeats: int) -> list[str]:
 
     from cape_ray.checkpointer import Checkpointer
 
-    config = TrainConfig(model="vit", backbone=BACKBONE, image_size=224)
-    torch.manual_seed(0)
-    model = build_model(config)
-    optimizer = engine.build_optimizer(model, config)
-    schedule = engine.build_scheduler(optimizer, config, 1000)
-    for parameter in model.parameters():
-        parameter.grad = torch.randn_like(parameter) * 1e-3
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    config, model, optimizer, schedule = vit_base_training()
     state = TrainState.fresh(config, 1)
     running = {"loss_sum": 0.0, "loss_count": 0}
     blocked: dict[str, list[float]] = {"sync": [], "background": []}

@@ -89,3 +89,25 @@ def write_checkpoint(run_dir, name: str, config: TrainConfig, *, seed: int = 0, 
                                 gather=lambda blob: blobs, all_reduce=dict)
     checkpointer.save(name, state, model, optimizer, scheduler, rank_states[0], metrics or {"val_pck": 0.5}, wait=True)
     return Path(run_dir) / name
+
+
+def copy_support_pck(categories, pairs_per_category: int = 20, seed: int = 0) -> float:
+    """PCK@0.2 of copying a support's keypoints (normalised to its crop box) onto a query's crop
+    box, over random support/query pairs of each category's instances: the baseline a built-in set
+    must keep low, or the support positions give the answer away."""
+    import numpy as np
+
+    from cape_ray.data.transforms import crop_box
+
+    rng = np.random.default_rng(seed)
+    scores = []
+    for insts in categories:
+        boxes = np.array([crop_box(i.bbox) for i in insts])
+        norm = [(i.keypoints - b[:2]) / b[2] for i, b in zip(insts, boxes)]
+        for _ in range(pairs_per_category):
+            s, q = rng.choice(len(insts), 2, replace=False)
+            valid = insts[s].visible & insts[q].visible
+            pred = norm[s] * boxes[q, 2] + boxes[q, :2]
+            err = np.linalg.norm(pred - insts[q].keypoints, axis=1) / insts[q].bbox[2:].max()
+            scores.append(((err < 0.2) & valid).sum() / valid.sum() if valid.any() else 0.0)
+    return float(np.mean(scores))

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 
@@ -476,32 +477,38 @@ def render_instances(template: SyntheticTemplate, n: int, rng: np.random.Generat
     return images, keypoints, visible
 
 
-def keypoint_bbox(keypoints: np.ndarray, canvas: int) -> np.ndarray:
-    """Tight box of ALL keypoints (occluded too) plus a margin, clipped to the image: x, y, w, h."""
-    margin = BBOX_MARGIN * canvas
+def keypoint_bbox(keypoints: np.ndarray, canvas: int, margin: Optional[float] = None) -> np.ndarray:
+    """Tight box of ALL keypoints (occluded too) plus a margin (pixels; default BBOX_MARGIN of the
+    canvas), clipped to the image: x, y, w, h."""
+    margin = BBOX_MARGIN * canvas if margin is None else margin
     lo = np.clip(keypoints.min(axis=0) - margin, 0, canvas)
     hi = np.clip(keypoints.max(axis=0) + margin, 0, canvas)
     return np.array([lo[0], lo[1], hi[0] - lo[0], hi[1] - lo[1]], dtype=np.float32)
 
 
-def make_category_instances(category_id: int, seed: int = 0, instances_per_category: int = 60,
-                            canvas: int = 96) -> tuple[Category, list[Instance]]:
+def check_sizes(instances_per_category: int, canvas: int) -> None:
     if not 1 <= instances_per_category < _ID_STRIDE:
         raise ValueError(f"instances_per_category must be in 1..{_ID_STRIDE - 1}, got {instances_per_category}")
     if canvas < 32:
         raise ValueError(f"canvas must be >= 32 pixels, got {canvas}")
+
+
+def rendered_instances(category: Category, images: np.ndarray, keypoints: np.ndarray, visible: np.ndarray,
+                       canvas: int, margin: Optional[float] = None) -> list[Instance]:
+    """A category's rendered images and keypoints as Instances (ids: category id * stride + index)."""
+    return [Instance(id=category.id * _ID_STRIDE + i, image_id=category.id * _ID_STRIDE + i, category_id=category.id,
+                     keypoints=keypoints[i], visible=visible[i], bbox=keypoint_bbox(keypoints[i], canvas, margin),
+                     file_name=f"{category.name}/{i:06d}.png", width=canvas, height=canvas, image=images[i])
+            for i in range(len(images))]
+
+
+def make_category_instances(category_id: int, seed: int = 0, instances_per_category: int = 60,
+                            canvas: int = 96) -> tuple[Category, list[Instance]]:
+    check_sizes(instances_per_category, canvas)
     template = make_template(category_id, seed)
     rng = np.random.default_rng([seed, category_id, _INSTANCE_TAG])
     images, keypoints, visible = render_instances(template, instances_per_category, rng, canvas)
-    name = template.category.name
-    instances = []
-    for i in range(instances_per_category):
-        ident = category_id * _ID_STRIDE + i
-        instances.append(Instance(
-            id=ident, image_id=ident, category_id=category_id, keypoints=keypoints[i], visible=visible[i],
-            bbox=keypoint_bbox(keypoints[i], canvas), file_name=f"{name}/{i:06d}.png",
-            width=canvas, height=canvas, image=images[i]))
-    return template.category, instances
+    return template.category, rendered_instances(template.category, images, keypoints, visible, canvas)
 
 
 def make_synthetic_split(subset: str, seed: int = 0, instances_per_category: int = 60,

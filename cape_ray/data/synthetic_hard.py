@@ -57,7 +57,7 @@ import numpy as np
 
 from .dataset import Category, Instance, KeypointDataset
 from .synthetic import (COLOURS, SHAPE_EXTENT, SHAPES, _glyph_inside, _min_gap, _stamp_patches, _to_uint8, _trig,
-                        _upsample)
+                        _upsample, check_sizes, rendered_instances)
 
 # Bump when a change alters what a seed generates (the version is part of `source` and of make-data's
 # description, so data made by different generators are never mistaken for each other).
@@ -102,7 +102,6 @@ _GREY_AXIS = 1.0 / math.sqrt(3.0)
 _SPLIT_TAG = 7201
 _TEMPLATE_TAG = 7202
 _INSTANCE_TAG = 7203
-_ID_STRIDE = 100_000  # annotation/image id = category id * stride + instance index
 
 
 # ------------------------------------------------------------------------------------ body plans
@@ -807,32 +806,15 @@ def _draw_glyphs(img: np.ndarray, pad: int, centres: np.ndarray, parts: np.ndarr
                    active & (shape >= 0))
 
 
-def keypoint_bbox(keypoints: np.ndarray, canvas: int, margin: float) -> np.ndarray:
-    """Box of ALL keypoints (hidden and truncated too) plus a margin, clipped to the image: x, y, w, h."""
-    lo = np.clip(keypoints.min(axis=0) - margin, 0, canvas)
-    hi = np.clip(keypoints.max(axis=0) + margin, 0, canvas)
-    return np.array([lo[0], lo[1], hi[0] - lo[0], hi[1] - lo[1]], dtype=np.float32)
-
-
 def make_category_instances(category_id: int, seed: int = 0, instances_per_category: int = 60,
                             canvas: int = 96) -> tuple[Category, list[Instance]]:
-    if not 1 <= instances_per_category < _ID_STRIDE:
-        raise ValueError(f"instances_per_category must be in 1..{_ID_STRIDE - 1}, got {instances_per_category}")
-    if canvas < 32:
-        raise ValueError(f"canvas must be >= 32 pixels, got {canvas}")
+    check_sizes(instances_per_category, canvas)
     template = make_template(category_id, seed)
     rng = np.random.default_rng([seed, category_id, _INSTANCE_TAG])
     images, keypoints, visible = render_instances(template, instances_per_category, rng, canvas)
-    name = template.category.name
-    margin = GLYPH_RADIUS * canvas
-    instances = []
-    for i in range(instances_per_category):
-        ident = category_id * _ID_STRIDE + i
-        instances.append(Instance(
-            id=ident, image_id=ident, category_id=category_id, keypoints=keypoints[i], visible=visible[i],
-            bbox=keypoint_bbox(keypoints[i], canvas, margin), file_name=f"{name}/{i:06d}.png",
-            width=canvas, height=canvas, image=images[i]))
-    return template.category, instances
+    # the box of all keypoints (hidden and truncated too) plus a glyph's radius
+    return template.category, rendered_instances(template.category, images, keypoints, visible, canvas,
+                                                 margin=GLYPH_RADIUS * canvas)
 
 
 def make_hard_split(subset: str, seed: int = 0, instances_per_category: int = 60,
