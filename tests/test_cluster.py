@@ -221,7 +221,7 @@ def test_a_second_driver_on_a_training_run_fails_fast(head, tmp_path):
         log.close()
     assert json.loads((run_dir / "driver_lease.json").read_text())["released"]  # released at the end
     final = assert_completed_run(run_dir, 2)
-    assert final.state["position"]["global_step"] == 400  # one driver's steps, none twice
+    assert final.state["position"]["global_step"] == 2 * 2400 // 4  # one driver's steps (4 episodes each), none twice
 
 
 # ----------------------------------------------------------------------------- submit.sh, offline
