@@ -28,6 +28,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from cape_ray.data.cache import file_sha256
 from cape_ray.data.dataset import Category
 from cape_ray.data.transforms import PreparedSplit
 
@@ -52,14 +53,6 @@ def cache_path(cache_dir: str, subset: str, params: dict) -> Path:
     key = {**params, "subset": subset, "source": source_digest(), "numpy": np.__version__, "torch": torch.__version__}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     return Path(os.path.expanduser(cache_dir)) / SUBDIRECTORY / f"{subset}-{params['data']}-{digest}.pt"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def to_record(split: PreparedSplit) -> dict:
@@ -91,7 +84,7 @@ def open_or_prepare(cache_dir: str, subset: str, params: dict, prepare: Callable
     checksum = path.with_suffix(".sha256")
     if path.is_file() and checksum.is_file():
         try:
-            if checksum.read_text().strip() == _sha256(path):
+            if checksum.read_text().strip() == file_sha256(path):
                 return from_record(torch.load(path, weights_only=True, mmap=True))
             log.warning("built-in data cache: %s does not match its checksum; generating it again", path)
         except Exception as exc:  # noqa: BLE001 - a damaged or foreign file: generate it again
@@ -103,7 +96,7 @@ def open_or_prepare(cache_dir: str, subset: str, params: dict, prepare: Callable
             torch.save(to_record(split), handle)
         Path(handle.name).replace(path)
         with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{checksum.name}.", delete=False) as handle:
-            handle.write(_sha256(path))
+            handle.write(file_sha256(path))
         Path(handle.name).replace(checksum)
     except OSError as exc:  # a full or read-only cache directory costs the next start the generation
         log.warning("built-in data cache: cannot write %s (%s); the split is used from memory", path, exc)
