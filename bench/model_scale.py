@@ -7,18 +7,27 @@ Printed per model:
   s/step Ray job         median seconds per optimizer step on a worker of the 2-worker job (after
                          the first step, which pays one-off costs)
   s/step plain loop      the same median in one process without Ray: the same model, rank 0's
-                         batches of the same layout (batch per worker), the same thread count
-  ratio                  plain / Ray (goal >= 0.95: Ray and DDP cost at most 5%)
+                         batches of the same layout (batch per worker), the same thread count,
+                         alone on the machine
+  s/step plain, 2 at once  the same, with two such processes at once (rank 0's and rank 1's
+                         batches): the machine load of the 2-worker job without Ray and DDP
+  ratios                 plain / Ray, for each of the two plain figures (goal >= 0.95: Ray and DDP
+                         cost at most 5%). Two busy processes on a machine share its memory
+                         bandwidth and caches whatever runs them; the second ratio leaves that out
+                         and measures what Ray and DDP add, the first includes it
   blocked by checkpoint  seconds the training thread waited for the epoch's checkpoint (the
                          background writer: a copy in memory), and that as a share of a 10-minute
                          epoch with one checkpoint (goal <= 2%)
   peak RSS per worker    the largest resident memory of a worker process (ru_maxrss)
 
     python bench/model_scale.py [--models cnn,vit_small_patch14_dinov2,vit_base_patch14_dinov2]
-                                [--steps 5] [--batch_size 2] [--image_size 224]
+                                [--steps 5] [--rounds 2] [--batch_size 2] [--image_size 224]
 
 Each Ray job trains one epoch of `steps + 1` optimizer steps and writes one checkpoint at its end;
-validation is one episode per category. The machine's load is printed: the figures move with it.
+validation is one episode per category. Each model is measured in `--rounds` rounds of the three
+(the Ray job, the plain loop alone, two plain loops at once), and each figure is the median of
+every timed step of its kind: on a shared machine a burst of other work lands in one round of one
+kind rather than deciding a ratio. The machine's load is printed: the figures move with it.
 """
 
 from __future__ import annotations
@@ -106,17 +115,18 @@ def ray_job(config: TrainConfig, out: Path) -> dict:
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORKERS)]
     run_dir = Path(config.storage_path) / config.name
     checkpoint = next(p for p in run_dir.iterdir() if p.name.startswith("checkpoint_e001") and p.is_dir())
-    return {"step_s": statistics.median(t for r in ranks for t in r["step_s"][1:]),
+    times = [t for r in ranks for t in r["step_s"][1:]]
+    return {"step_s": statistics.median(times), "times": times,
             "peak_rss": max(r["peak_rss"] for r in ranks),
             "blocked_s": max(sum(r["blocked_s"]) for r in ranks),
             "checkpoint_bytes": sum(f.stat().st_size for f in checkpoint.rglob("*") if f.is_file())}
 
 
-def plain_loop(config: TrainConfig, steps: int) -> dict:
-    """Rank 0's batches of the 2-worker layout, the same optimizer step, no Ray and no DDP."""
+def plain_loop(config: TrainConfig, steps: int, rank: int = 0) -> dict:
+    """Rank `rank`'s batches of the 2-worker layout, the same optimizer step, no Ray and no DDP."""
     torch.set_num_threads(config.num_threads)
     split = load_split(config, "train", config.num_queries_per_episode)
-    batches = TrainingBatches(split, config, 0, WORKERS, torch.device("cpu"))
+    batches = TrainingBatches(split, config, rank, WORKERS, torch.device("cpu"))
     rng.seed_everything(config.seed)
     model = build_model(config)
     optimizer = engine.build_optimizer(model, config)
@@ -127,14 +137,26 @@ def plain_loop(config: TrainConfig, steps: int) -> dict:
         engine.train_step(model, optimizer, None, batches.step(0, step * config.batch_size * WORKERS), config.grad_clip)
         times.append(time.perf_counter() - started)
     record = describe(model, model_spec(config))
-    return {"step_s": statistics.median(times[1:]), "parameters": record["parameters"],
+    return {"step_s": statistics.median(times[1:]), "times": times[1:], "parameters": record["parameters"],
             "trainable": record["trainable_parameters"]}
+
+
+def plain_loops_at_once(config: TrainConfig, steps: int) -> dict:
+    """`plain_loop` in WORKERS processes at once, rank r's batches in process r: the median step."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(WORKERS, mp_context=multiprocessing.get_context("spawn")) as pool:
+        loops = [pool.submit(plain_loop, config, steps, rank) for rank in range(WORKERS)]
+        times = [t for loop in loops for t in loop.result()["times"]]
+    return {"step_s": statistics.median(times), "times": times}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="cnn,vit_small_patch14_dinov2,vit_base_patch14_dinov2")
     parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps per model (after a first one)")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of the three measurements per model")
     parser.add_argument("--batch_size", type=int, default=2, help="episodes per worker per step")
     parser.add_argument("--image_size", type=int, default=224)
     args = parser.parse_args()
@@ -142,7 +164,7 @@ def main() -> None:
 
     import ray
 
-    print(f"# python bench/model_scale.py --models {args.models} --steps {args.steps} --batch_size "
+    print(f"# python bench/model_scale.py --models {args.models} --steps {args.steps} --rounds {args.rounds} --batch_size "
           f"{args.batch_size} --image_size {args.image_size}")
     print(f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {os.cpu_count()} CPUs, load "
           f"{os.getloadavg()[0]:.1f}; {WORKERS} workers x 1 thread, {args.batch_size} episodes (1 support + 2 "
@@ -152,23 +174,31 @@ def main() -> None:
         ray.init(include_dashboard=False, log_to_driver=False, num_cpus=WORKERS)
         try:
             for model in args.models.split(","):
-                config = config_for(model, args, root, model.replace("_patch14_dinov2", ""))
-                job = ray_job(config, Path(root) / f"{config.name}_out")
-                plain = plain_loop(config, args.steps)
-                rows.append((model, plain, job))
+                rounds = []
+                for index in range(args.rounds):
+                    config = config_for(model, args, root, f"{model.replace('_patch14_dinov2', '')}_{index}")
+                    rounds.append((ray_job(config, Path(root) / f"{config.name}_out"), plain_loop(config, args.steps),
+                                   plain_loops_at_once(config, args.steps)))
+                job = {**rounds[0][0], "step_s": statistics.median(t for r in rounds for t in r[0]["times"]),
+                       "peak_rss": max(r[0]["peak_rss"] for r in rounds),
+                       "blocked_s": statistics.median(r[0]["blocked_s"] for r in rounds)}
+                plain = {**rounds[0][1], "step_s": statistics.median(t for r in rounds for t in r[1]["times"])}
+                both = {"step_s": statistics.median(t for r in rounds for t in r[2]["times"])}
+                rows.append((model, plain, both, job))
                 print(f"  {model}: done", flush=True)
         finally:
             ray.shutdown()
     print(f"# load after: {os.getloadavg()[0]:.1f}")
-    header = (f"| model | parameters (trained) | checkpoint | s/step Ray job | s/step plain loop | ratio plain/Ray "
-              f"(goal >= 0.95) | blocked by the checkpoint | share of a 10-min epoch (goal <= 2%) | peak RSS per worker |")
+    header = (f"| model | parameters (trained) | checkpoint | s/step Ray job | s/step plain loop alone | plain alone/Ray "
+              f"| s/step plain, {WORKERS} at once | plain {WORKERS} at once/Ray (goal >= 0.95) | blocked by the "
+              f"checkpoint | share of a 10-min epoch (goal <= 2%) | peak RSS per worker |")
     print(header)
-    print("|---|---|---|---|---|---|---|---|---|")
-    for model, plain, job in rows:
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for model, plain, both, job in rows:
         print(f"| {model} | {plain['parameters'] / 1e6:.2f}M ({plain['trainable'] / 1e6:.2f}M) | "
               f"{job['checkpoint_bytes'] / 1e6:.0f} MB | {job['step_s']:.3f} | {plain['step_s']:.3f} | "
-              f"{plain['step_s'] / job['step_s']:.3f} | {job['blocked_s']:.2f} s | "
-              f"{100 * job['blocked_s'] / TEN_MINUTES:.3f}% | {job['peak_rss'] / 1e9:.2f} GB |")
+              f"{plain['step_s'] / job['step_s']:.3f} | {both['step_s']:.3f} | {both['step_s'] / job['step_s']:.3f} | "
+              f"{job['blocked_s']:.2f} s | {100 * job['blocked_s'] / TEN_MINUTES:.3f}% | {job['peak_rss'] / 1e9:.2f} GB |")
 
 
 if __name__ == "__main__":

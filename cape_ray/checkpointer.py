@@ -204,15 +204,35 @@ class PendingReport:
     future: Optional[Future]  # rank 0: the writer's StoreResult; None on the other ranks
 
 
-def snapshot(value: Any) -> Any:
+def snapshot(value: Any, reuse: Any = None, copy_cpu: bool = True) -> Any:
     """A copy of a state (nested dicts, lists, tensors) that training cannot change any more:
-    tensors copied to the CPU (from a GPU too), containers rebuilt."""
+    tensors copied to the CPU (from a GPU into pinned memory), containers rebuilt. Checkpoints hold
+    CPU tensors whatever the device trained on: they load anywhere, and the writer mode does not
+    change what is stored.
+
+    `reuse` is an earlier snapshot of the same state that nothing reads any more: a tensor of the
+    same shape, dtype and strides is copied into, not allocated again. At ViT-B size that is the
+    difference between a memory copy (about 0.07 s per GB here) and first touching 1 GB of fresh
+    pages (about 0.4 s). Without `copy_cpu`, CPU tensors are taken as they are (a synchronous write,
+    during which training waits).
+    """
     if isinstance(value, torch.Tensor):
-        return value.detach().to("cpu", copy=True)
+        value = value.detach()
+        if value.device.type == "cpu" and not copy_cpu:
+            return value
+        if (isinstance(reuse, torch.Tensor) and reuse.device.type == "cpu" and reuse.layout == value.layout == torch.strided
+                and reuse.dtype == value.dtype and reuse.shape == value.shape and reuse.stride() == value.stride()):
+            return reuse.copy_(value)
+        if value.is_cuda and value.layout == torch.strided:
+            pinned = torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, pin_memory=True)
+            return pinned.copy_(value)
+        return value.to("cpu", copy=True)
     if isinstance(value, dict):
-        return {key: snapshot(item) for key, item in value.items()}
+        earlier = reuse if isinstance(reuse, dict) else {}
+        return {key: snapshot(item, earlier.get(key), copy_cpu) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(snapshot(item) for item in value)
+        earlier = reuse if isinstance(reuse, (list, tuple)) and len(reuse) == len(value) else [None] * len(value)
+        return type(value)(snapshot(item, old, copy_cpu) for item, old in zip(value, earlier))
     return copy.deepcopy(value)
 
 
@@ -238,6 +258,9 @@ class Checkpointer:
         self._writer = (ThreadPoolExecutor(1, thread_name_prefix="cape_ray_checkpoint")
                         if self.background and rank == 0 else None)
         self._pending: Optional[PendingReport] = None
+        # the snapshot of the last checkpoint written in the background, copied into by the next
+        # one (its write is over by then: one in flight); kept between checkpoints, dropped at the end
+        self._spare: Any = None
         self.fence = fence  # the driver's lease claim: checked before every write (lease.py)
 
     # ------------------------------------------------------------------ restore
@@ -453,9 +476,9 @@ class Checkpointer:
         Rank 0 writes the checkpoint (manifest last), checks the storage has room for it and the
         exports it earned, uploads it and makes those exports, retrying a failed store; Ray then
         registers it without uploading again. With the background writer (the default) the
-        training thread pays only for a copy of the state in memory; writing, hashing and storing
-        run in one background thread, at most one checkpoint in flight (this call first commits the
-        previous one). The report follows at the next `poll` that finds the store done, or at the
+        training thread pays only for a copy of the state in memory (into the previous checkpoint's
+        copy, kept for that); writing, hashing and storing run in one background thread, at most one
+        checkpoint in flight (this call first commits the previous one). The report follows at the next `poll` that finds the store done, or at the
         next save, `flush` or `finish`; `wait` (a just-in-time checkpoint before a preemption), or
         --sync_checkpoints, commits it before returning. Whether the store worked is agreed by every
         rank before the report, so that a storage failure stops all of them with StorageError (a
@@ -469,10 +492,11 @@ class Checkpointer:
             parts = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                          state=state.state_dict(metrics), rank_states=blobs)
             if self._writer is not None:
-                future = self._writer.submit(self._write_and_store, name, snapshot(parts), earned)
+                self._spare = snapshot(parts, self._spare)  # the previous write is over: flushed above
+                future = self._writer.submit(self._write_and_store, name, self._spare, earned)
             else:
                 future = Future()
-                future.set_result(self._write_and_store(name, parts, earned))
+                future.set_result(self._write_and_store(name, snapshot(parts, copy_cpu=False), earned))
         self._pending = PendingReport(name, metrics, future)
         if not self.background or wait:
             self.flush()
@@ -524,6 +548,7 @@ class Checkpointer:
         """At the end of training: report the checkpoint in flight, and once Ray has committed the
         last report, delete the exports that the run's last bests replaced."""
         self.flush()
+        self._spare = None
         if self.rank == 0 and not self._fence_problem():
             self.delete_stale_exports(wait=True)
 

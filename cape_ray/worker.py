@@ -230,7 +230,9 @@ class RayEdge:
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         import ray.train.torch
 
-        return ray.train.torch.prepare_model(model)
+        # Gradients live in DDP's all-reduce buckets: no copy into them and back every step (two
+        # passes over 360 MB at ViT-B), and no second copy of the gradients in memory.
+        return ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"gradient_as_bucket_view": True})
 
     def report(self, metrics: dict, stored: Optional[str], name: str) -> None:
         """Register the checkpoint the Checkpointer already stored at `stored` (rank 0)."""

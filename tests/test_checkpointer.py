@@ -356,6 +356,45 @@ def test_training_pays_only_for_the_snapshot_and_the_report_follows_the_store(tm
     assert all(torch.equal(stored[k], expected[k]) for k in expected)
 
 
+def test_each_background_checkpoint_copies_into_the_previous_ones_copy(tmp_path):
+    """From the second checkpoint on, the snapshot is copied into the first one's tensors (no 1 GB
+    allocation at ViT-B size), and each stored checkpoint still holds the weights of its own step."""
+    node, _ = saving(tmp_path)
+    config = make_config(tmp_path)
+    model = build_model(config)
+    optimizer = engine.build_optimizer(model, config)
+    scheduler = engine.build_scheduler(optimizer, config, 10)
+    expected, storages = [], []
+    for name in (E1, E2):
+        expected.append({k: v.clone() for k, v in model.state_dict().items()})
+        node.save(name, TrainState.fresh(config, 1), model, optimizer, scheduler, {"loss_sum": 0.0, "loss_count": 0},
+                  {})
+        storages.append({k: v.data_ptr() for k, v in node._spare["model"].items()})
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.add_(1.0)  # the next step, while the writer works
+    node.finish()
+    assert storages[0] == storages[1] and node._spare is None  # reused, and let go at the end
+    for name, weights in zip((E1, E2), expected):
+        stored = ckpt.load_checkpoint(tmp_path / "run" / name).model
+        assert all(torch.equal(stored[k], weights[k]) for k in weights), name
+
+
+def test_a_snapshot_reuses_only_tensors_of_the_same_shape_dtype_and_strides():
+    from cape_ray.checkpointer import snapshot
+
+    earlier = {"a": torch.zeros(4, 3), "b": torch.zeros(3), "c": torch.zeros(3, 4).t(), "d": [torch.zeros(2)]}
+    state = {"a": torch.randn(4, 3), "b": torch.randn(4), "c": torch.randn(3, 4), "d": [torch.randn(2, dtype=torch.float64)],
+             "e": torch.randn(2)}
+    copy = snapshot(state, earlier)
+    assert copy["a"].data_ptr() == earlier["a"].data_ptr()  # the one that fits
+    assert all(copy[k].data_ptr() != earlier[k].data_ptr() for k in "bc") and copy["d"][0].dtype == torch.float64
+    for key in "abce":
+        assert torch.equal(copy[key], state[key]) and copy[key].data_ptr() != state[key].data_ptr()
+    taken = snapshot(state, copy_cpu=False)  # a synchronous write takes CPU tensors as they are
+    assert taken["a"].data_ptr() == state["a"].data_ptr()
+
+
 def test_at_most_one_checkpoint_is_in_flight_and_training_overlaps_it(tmp_path, monkeypatch):
     from cape_ray.worker import train_loop_per_worker
     from local_edge import LocalEdge
