@@ -17,6 +17,7 @@ relative path inside it, with its size and SHA-256. Every load uses `weights_onl
 
 from __future__ import annotations
 
+import bisect
 import errno
 import hashlib
 import io
@@ -26,11 +27,13 @@ import re
 import shutil
 import stat
 import sys
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
+import numpy as np
 import torch
 
 from cape_ray.config import TrainConfig
@@ -110,7 +113,7 @@ def position_from_name(name: str) -> Optional[tuple[int, int]]:
 
 
 # ----------------------------------------------------------------------------- writing
-_HASH_ALONGSIDE_BYTES = 1 << 16  # chunks this large are hashed while another thread writes them
+_SMALL_CHUNK_BYTES = 1 << 16  # smaller chunks are gathered and handed on together
 
 
 def _sha256(path: Path) -> str:
@@ -121,53 +124,127 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _cpu_storages(obj: Any) -> Iterable[torch.UntypedStorage]:
+    if isinstance(obj, torch.Tensor):
+        if obj.device.type == "cpu":
+            yield obj.untyped_storage()
+    elif isinstance(obj, dict):
+        for value in obj.values():
+            yield from _cpu_storages(value)
+    elif isinstance(obj, (list, tuple)):
+        for value in obj:
+            yield from _cpu_storages(value)
+
+
+class _TensorMemory:
+    """Where the CPU tensors being saved lie in memory. torch.save hands a tensor's bytes to the file
+    as a view of the tensor itself, and nothing changes the state while it is written, so such a
+    chunk may be hashed and written after `write` has returned; any other chunk (headers, records
+    built on the fly) may be reused by torch.save at once and is copied first. A chunk is judged by
+    its address, so a torch.save that copied tensors would only make the writer copy too."""
+
+    def __init__(self, obj: Any):
+        spans = sorted({(storage.data_ptr(), storage.nbytes()) for storage in _cpu_storages(obj)})
+        self.starts = [start for start, _ in spans]
+        self.ends = [start + size for start, size in spans]
+
+    def holds(self, chunk: memoryview) -> bool:
+        try:
+            address = np.frombuffer(chunk, dtype=np.uint8).ctypes.data
+        except (ValueError, TypeError):  # not one contiguous block
+            return False
+        index = bisect.bisect_right(self.starts, address) - 1
+        return index >= 0 and address + chunk.nbytes <= self.ends[index]
+
+
 class _HashingFile:
     """A file being written that hashes its bytes on the way (no second read to build the manifest).
 
-    A large chunk is written by `io_pool` while this thread hashes it (both release the GIL), so the
-    two overlap; `write` returns only when both are done, because torch.save may reuse the buffer.
+    One thread hashes the chunks and another writes them, each in order, while torch.save goes on
+    serialising: the three overlap (hashing and writing release the GIL). `close` waits for both.
     """
 
-    def __init__(self, path: Path, io_pool: ThreadPoolExecutor):
+    def __init__(self, path: Path, tensors: _TensorMemory):
         self.file = open(path, "wb")
-        self.io_pool = io_pool
+        self.tensors = tensors
         self.digest = hashlib.sha256()
         self.size = 0
+        self.small = bytearray()
+        self.hasher = ThreadPoolExecutor(1, thread_name_prefix="cape_ray_hash")
+        self.writer = ThreadPoolExecutor(1, thread_name_prefix="cape_ray_write")
+        self.pending: deque[Future] = deque()
+        # the first chunk that failed to hash or write: the rest is passed over (torch.save ends
+        # its archive regardless) and `close` raises it
+        self.failed: Optional[BaseException] = None
 
     def write(self, data) -> int:
-        size = memoryview(data).nbytes
-        if size < _HASH_ALONGSIDE_BYTES:
-            self.digest.update(data)
-            self.file.write(data)
-        else:
-            written = self.io_pool.submit(self.file.write, data)
-            self.digest.update(data)
-            written.result()
+        chunk = memoryview(data)
+        size = chunk.nbytes
         self.size += size
+        if self.failed is not None:
+            return size
+        if size < _SMALL_CHUNK_BYTES:
+            self.small += chunk
+            if len(self.small) >= _SMALL_CHUNK_BYTES:
+                self._hand_on_small()
+            return size
+        self._hand_on_small()
+        self._hand_on(chunk if isinstance(data, bytes) or self.tensors.holds(chunk) else bytes(chunk))
+        while self.pending and self.pending[0].done() and self.failed is None:
+            self.failed = self.pending.popleft().exception()
         return size
 
+    def _hand_on_small(self) -> None:
+        if self.small:
+            self._hand_on(bytes(self.small))
+            self.small.clear()
+
+    def _hand_on(self, chunk) -> None:
+        self.pending.append(self.hasher.submit(self.digest.update, chunk))
+        self.pending.append(self.writer.submit(self.file.write, chunk))
+
+    def _drain(self) -> None:
+        if self.failed is None:
+            self._hand_on_small()
+        while self.pending and self.failed is None:
+            self.failed = self.pending.popleft().exception()
+        for future in self.pending:
+            future.cancel()
+        self.hasher.shutdown(wait=True)  # nothing may touch the file or the state after this
+        self.writer.shutdown(wait=True)
+        if self.failed is not None:
+            raise self.failed
+
     def flush(self) -> None:
-        self.file.flush()
+        pass  # the file is flushed once at close, after every chunk
 
     def close(self, durable: bool) -> dict:
-        """Close (fsynced first when `durable`) and return the file's manifest entry."""
+        """Wait for every chunk, close (fsynced first when `durable`) and return the file's manifest entry."""
         with self.file:
+            self._drain()
             self.file.flush()
             if durable:
                 os.fsync(self.file.fileno())
         return {"size": self.size, "sha256": self.digest.hexdigest()}
 
+    def abort(self) -> None:
+        with self.file:
+            try:
+                self._drain()
+            except Exception:
+                pass  # the error that stopped the write is the one raised
 
-def _write_file(path: Path, content: Any, io_pool: ThreadPoolExecutor, durable: bool) -> dict:
+
+def _write_file(path: Path, content: Any, tensors: _TensorMemory, durable: bool) -> dict:
     """Write `content` (bytes as they are, anything else with torch.save) to `path`; its manifest entry."""
-    out = _HashingFile(path, io_pool)
+    out = _HashingFile(path, tensors)
     try:
         if isinstance(content, bytes):
             out.write(content)
         else:
             torch.save(content, out)
     except BaseException:
-        out.file.close()
+        out.abort()
         raise
     return out.close(durable)
 
@@ -260,9 +337,10 @@ def write_checkpoint(directory: str | os.PathLike, *, model: dict, optimizer: di
     full_state = {"schema_version": SCHEMA_VERSION, **state}
     contents[STATE] = json.dumps(full_state, indent=1, sort_keys=True).encode()
     # The tensor files are written side by side: SHA-256 is the bulk of the cost, and one file's
-    # hash cannot be spread over cores. Each file task waits on at most one chunk in `io_pool`.
-    with ThreadPoolExecutor(len(TENSOR_FILES)) as file_pool, ThreadPoolExecutor(len(TENSOR_FILES)) as io_pool:
-        pending = {name: file_pool.submit(_write_file, directory / name, content, io_pool, durable)
+    # hash cannot be spread over cores.
+    tensors = _TensorMemory((model, optimizer, scheduler))
+    with ThreadPoolExecutor(len(TENSOR_FILES)) as file_pool:
+        pending = {name: file_pool.submit(_write_file, directory / name, content, tensors, durable)
                    for name, content in contents.items()}
         files = {name: entry.result() for name, entry in pending.items()}
     if durable:

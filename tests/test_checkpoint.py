@@ -1,7 +1,9 @@
 """The checkpoint contract: files, manifest, verification, loading, names, disk space. Every
 checkpoint here is written by the real Checkpointer.save."""
 
+import errno
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -165,6 +167,38 @@ def test_files_are_hashed_as_they_are_written_not_read_back(tmp_path, monkeypatc
     assert torch.equal(loaded.optimizer["state"][0]["exp_avg"], optimizer["state"][0]["exp_avg"])
     assert loaded.scheduler == {"last_epoch": 4} and sorted(loaded.rank_states) == [0, 1]
     assert loaded.rank_states[1]["loss_sum"] == 0.5
+
+
+def test_the_writer_copies_every_chunk_but_the_tensors_own_bytes(tmp_path):
+    """Chunks are hashed and written after write() returns: a tensor's own memory is handed on as
+    it is, and anything else (a buffer torch.save may reuse at once) is copied first."""
+    tensor = torch.arange(1 << 16, dtype=torch.float32)  # 256 KB
+    memory = ckpt._TensorMemory({"model": {"w": tensor}, "optimizer": [torch.zeros(3)]})
+    own = memoryview(tensor.numpy()).cast("B")
+    assert memory.holds(own) and memory.holds(own[4096:]) and not memory.holds(memoryview(bytearray(1 << 17)))
+    reused = bytearray(b"a" * (1 << 17))
+    out = ckpt._HashingFile(tmp_path / "file", memory)
+    out.write(reused)
+    reused[:] = b"b" * (1 << 17)  # what torch.save may do with its buffer once write() returns
+    out.write(own)
+    out.write(b"tail")
+    entry = out.close(durable=False)
+    expected = b"a" * (1 << 17) + own.tobytes() + b"tail"
+    assert (tmp_path / "file").read_bytes() == expected
+    assert entry == {"size": len(expected), "sha256": hashlib.sha256(expected).hexdigest()}
+
+
+def test_a_write_failing_in_the_writer_thread_stops_the_checkpoint_with_its_error(tmp_path, monkeypatch):
+    class FullDisk(io.FileIO):
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt, "open", lambda path, mode: FullDisk(path, "w"), raising=False)
+    model = torch.nn.Linear(300, 300).state_dict()
+    with pytest.raises(OSError, match="No space left on device"):
+        ckpt.write_checkpoint(tmp_path / "ck", model=model, optimizer={"state": {}, "param_groups": []},
+                              scheduler={}, state={"epoch": 1}, rank_states={0: b"rng"})
+    assert not (tmp_path / "ck" / ckpt.MANIFEST).exists()
 
 
 def test_a_checkpoint_is_never_written_over_other_files(tmp_path):
