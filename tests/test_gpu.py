@@ -187,3 +187,14 @@ def test_checkpoints_move_from_cpu_to_gpu_and_back(tmp_path, capfd):
     on_cpu = ckpt.load_checkpoint(back.latest)
     assert [h["epoch"] for h in on_cpu.state["history"]] == [1, 2, 3]
     assert on_cpu.state["device"] == "cpu" and saved_on(back) == {"cpu"}
+
+
+def test_a_snapshot_of_gpu_state_lands_in_pinned_cpu_memory_and_is_reused():
+    from cape_ray.checkpointer import snapshot
+
+    state = {"w": torch.randn(64, 64, device=CUDA), "step": torch.tensor(3.0, device=CUDA)}
+    first = snapshot(state)
+    assert all(t.device.type == "cpu" and t.is_pinned() for t in first.values())
+    state["w"].add_(1.0)
+    second = snapshot(state, first)
+    assert second["w"].data_ptr() == first["w"].data_ptr() and torch.equal(second["w"], state["w"].cpu())
