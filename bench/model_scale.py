@@ -25,7 +25,8 @@ Printed per model:
 
 Each Ray job trains one epoch of `steps + 1` optimizer steps and writes one checkpoint at its end;
 validation is one episode per category. Each model is measured in `--rounds` rounds of the three
-(the Ray job, the plain loop alone, two plain loops at once), and each figure is the median of
+(the Ray job, the plain loop alone, two plain loops at once; every other round in the reverse
+order), and each figure is the median of
 every timed step of its kind: on a shared machine a burst of other work lands in one round of one
 kind rather than deciding a ratio. The machine's load is printed: the figures move with it.
 """
@@ -177,8 +178,13 @@ def main() -> None:
                 rounds = []
                 for index in range(args.rounds):
                     config = config_for(model, args, root, f"{model.replace('_patch14_dinov2', '')}_{index}")
-                    rounds.append((ray_job(config, Path(root) / f"{config.name}_out"), plain_loop(config, args.steps),
-                                   plain_loops_at_once(config, args.steps)))
+                    kinds = {"ray": lambda: ray_job(config, Path(root) / f"{config.name}_out"),
+                             "alone": lambda: plain_loop(config, args.steps),
+                             "both": lambda: plain_loops_at_once(config, args.steps)}
+                    # every other round reversed: a drift in the machine's speed evens out
+                    order = list(kinds) if index % 2 == 0 else list(kinds)[::-1]
+                    measured = {kind: kinds[kind]() for kind in order}
+                    rounds.append((measured["ray"], measured["alone"], measured["both"]))
                 job = {**rounds[0][0], "step_s": statistics.median(t for r in rounds for t in r[0]["times"]),
                        "peak_rss": max(r[0]["peak_rss"] for r in rounds),
                        "blocked_s": statistics.median(r[0]["blocked_s"] for r in rounds)}

@@ -220,8 +220,9 @@ def snapshot(value: Any, reuse: Any = None, copy_cpu: bool = True) -> Any:
         value = value.detach()
         if value.device.type == "cpu" and not copy_cpu:
             return value
-        if (isinstance(reuse, torch.Tensor) and reuse.device.type == "cpu" and reuse.layout == value.layout == torch.strided
-                and reuse.dtype == value.dtype and reuse.shape == value.shape and reuse.stride() == value.stride()):
+        if (isinstance(reuse, torch.Tensor) and reuse.device.type == "cpu"
+                and reuse.layout == value.layout == torch.strided and reuse.dtype == value.dtype
+                and reuse.shape == value.shape and reuse.stride() == value.stride()):
             return reuse.copy_(value)
         if value.is_cuda and value.layout == torch.strided:
             pinned = torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, pin_memory=True)
@@ -478,8 +479,8 @@ class Checkpointer:
         registers it without uploading again. With the background writer (the default) the
         training thread pays only for a copy of the state in memory (into the previous checkpoint's
         copy, kept for that); writing, hashing and storing run in one background thread, at most one
-        checkpoint in flight (this call first commits the previous one). The report follows at the next `poll` that finds the store done, or at the
-        next save, `flush` or `finish`; `wait` (a just-in-time checkpoint before a preemption), or
+        checkpoint in flight (this call first commits the previous one). The report follows at the
+        next `poll` that finds the store done, or at the next save, `flush` or `finish`; `wait` (a just-in-time checkpoint before a preemption), or
         --sync_checkpoints, commits it before returning. Whether the store worked is agreed by every
         rank before the report, so that a storage failure stops all of them with StorageError (a
         worker failure Ray retries) instead of leaving the others waiting in the report.

@@ -384,8 +384,8 @@ def test_a_snapshot_reuses_only_tensors_of_the_same_shape_dtype_and_strides():
     from cape_ray.checkpointer import snapshot
 
     earlier = {"a": torch.zeros(4, 3), "b": torch.zeros(3), "c": torch.zeros(3, 4).t(), "d": [torch.zeros(2)]}
-    state = {"a": torch.randn(4, 3), "b": torch.randn(4), "c": torch.randn(3, 4), "d": [torch.randn(2, dtype=torch.float64)],
-             "e": torch.randn(2)}
+    state = {"a": torch.randn(4, 3), "b": torch.randn(4), "c": torch.randn(3, 4),
+             "d": [torch.randn(2, dtype=torch.float64)], "e": torch.randn(2)}
     copy = snapshot(state, earlier)
     assert copy["a"].data_ptr() == earlier["a"].data_ptr()  # the one that fits
     assert all(copy[k].data_ptr() != earlier[k].data_ptr() for k in "bc") and copy["d"][0].dtype == torch.float64
