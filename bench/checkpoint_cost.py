@@ -196,7 +196,7 @@ def synchronous_write(state: CheckpointState, root: Path, repeats: int) -> list[
     goal = lambda ratio: "met" if ratio >= 0.8 else "NOT met"  # noqa: E731
     lines += [
         f"synchronous checkpoint write: {figures['write_checkpoint'].seconds:.3f} s (hashing and fsync included)",
-        f"write throughput vs torch.save, like for like (goal >= 0.8x):",
+        "write throughput vs torch.save, like for like (goal >= 0.8x):",
         f"  neither synced (how every checkpoint is staged before it is stored): {staged:.2f}x ({goal(staged)})",
         f"  both synced (write_checkpoint vs torch.save + fsync): {durable:.2f}x ({goal(durable)})",
         f"  write_checkpoint synced vs torch.save not synced: "

@@ -26,9 +26,9 @@ Printed per model:
 Each Ray job trains one epoch of `steps + 1` optimizer steps and writes one checkpoint at its end;
 validation is one episode per category. Each model is measured in `--rounds` rounds of the three
 (the Ray job, the plain loop alone, two plain loops at once; every other round in the reverse
-order), and each figure is the median of
-every timed step of its kind: on a shared machine a burst of other work lands in one round of one
-kind rather than deciding a ratio. The machine's load is printed: the figures move with it.
+order), and each figure is the median of every timed step of its kind: on a shared machine a
+burst of other work lands in one round of one kind rather than deciding a ratio. The machine's
+load is printed: the figures move with it.
 """
 
 from __future__ import annotations
@@ -116,8 +116,7 @@ def ray_job(config: TrainConfig, out: Path) -> dict:
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORKERS)]
     run_dir = Path(config.storage_path) / config.name
     checkpoint = next(p for p in run_dir.iterdir() if p.name.startswith("checkpoint_e001") and p.is_dir())
-    times = [t for r in ranks for t in r["step_s"][1:]]
-    return {"step_s": statistics.median(times), "times": times,
+    return {"times": [t for r in ranks for t in r["step_s"][1:]],
             "peak_rss": max(r["peak_rss"] for r in ranks),
             "blocked_s": max(sum(r["blocked_s"]) for r in ranks),
             "checkpoint_bytes": sum(f.stat().st_size for f in checkpoint.rglob("*") if f.is_file())}
@@ -138,19 +137,18 @@ def plain_loop(config: TrainConfig, steps: int, rank: int = 0) -> dict:
         engine.train_step(model, optimizer, None, batches.step(0, step * config.batch_size * WORKERS), config.grad_clip)
         times.append(time.perf_counter() - started)
     record = describe(model, model_spec(config))
-    return {"step_s": statistics.median(times[1:]), "times": times[1:], "parameters": record["parameters"],
+    return {"times": times[1:], "parameters": record["parameters"],
             "trainable": record["trainable_parameters"]}
 
 
 def plain_loops_at_once(config: TrainConfig, steps: int) -> dict:
-    """`plain_loop` in WORKERS processes at once, rank r's batches in process r: the median step."""
+    """`plain_loop` in WORKERS processes at once, rank r's batches in process r: their steps' times."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     with ProcessPoolExecutor(WORKERS, mp_context=multiprocessing.get_context("spawn")) as pool:
         loops = [pool.submit(plain_loop, config, steps, rank) for rank in range(WORKERS)]
-        times = [t for loop in loops for t in loop.result()["times"]]
-    return {"step_s": statistics.median(times), "times": times}
+        return {"times": [t for loop in loops for t in loop.result()["times"]]}
 
 
 def main() -> None:
@@ -165,8 +163,8 @@ def main() -> None:
 
     import ray
 
-    print(f"# python bench/model_scale.py --models {args.models} --steps {args.steps} --rounds {args.rounds} --batch_size "
-          f"{args.batch_size} --image_size {args.image_size}")
+    print(f"# python bench/model_scale.py --models {args.models} --steps {args.steps} --rounds {args.rounds} "
+          f"--batch_size {args.batch_size} --image_size {args.image_size}")
     print(f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {os.cpu_count()} CPUs, load "
           f"{os.getloadavg()[0]:.1f}; {WORKERS} workers x 1 thread, {args.batch_size} episodes (1 support + 2 "
           f"queries) per worker per step")
@@ -195,16 +193,17 @@ def main() -> None:
         finally:
             ray.shutdown()
     print(f"# load after: {os.getloadavg()[0]:.1f}")
-    header = (f"| model | parameters (trained) | checkpoint | s/step Ray job | s/step plain loop alone | plain alone/Ray "
-              f"| s/step plain, {WORKERS} at once | plain {WORKERS} at once/Ray (goal >= 0.95) | blocked by the "
-              f"checkpoint | share of a 10-min epoch (goal <= 2%) | peak RSS per worker |")
+    header = (f"| model | parameters (trained) | checkpoint | s/step Ray job | s/step plain loop alone "
+              f"| plain alone/Ray | s/step plain, {WORKERS} at once | plain {WORKERS} at once/Ray (goal >= 0.95) "
+              f"| blocked by the checkpoint | share of a 10-min epoch (goal <= 2%) | peak RSS per worker |")
     print(header)
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for model, plain, both, job in rows:
         print(f"| {model} | {plain['parameters'] / 1e6:.2f}M ({plain['trainable'] / 1e6:.2f}M) | "
               f"{job['checkpoint_bytes'] / 1e6:.0f} MB | {job['step_s']:.3f} | {plain['step_s']:.3f} | "
               f"{plain['step_s'] / job['step_s']:.3f} | {both['step_s']:.3f} | {both['step_s'] / job['step_s']:.3f} | "
-              f"{job['blocked_s']:.2f} s | {100 * job['blocked_s'] / TEN_MINUTES:.3f}% | {job['peak_rss'] / 1e9:.2f} GB |")
+              f"{job['blocked_s']:.2f} s | {100 * job['blocked_s'] / TEN_MINUTES:.3f}% | "
+              f"{job['peak_rss'] / 1e9:.2f} GB |")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -124,16 +124,16 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _cpu_storages(obj: Any) -> Iterable[torch.UntypedStorage]:
+def _tensors(obj: Any) -> Iterator[torch.Tensor]:
+    """Every tensor inside a nested state_dict (dicts, lists, tuples)."""
     if isinstance(obj, torch.Tensor):
-        if obj.device.type == "cpu":
-            yield obj.untyped_storage()
+        yield obj
     elif isinstance(obj, dict):
         for value in obj.values():
-            yield from _cpu_storages(value)
+            yield from _tensors(value)
     elif isinstance(obj, (list, tuple)):
         for value in obj:
-            yield from _cpu_storages(value)
+            yield from _tensors(value)
 
 
 class _TensorMemory:
@@ -144,7 +144,8 @@ class _TensorMemory:
     its address, so a torch.save that copied tensors would only make the writer copy too."""
 
     def __init__(self, obj: Any):
-        spans = sorted({(storage.data_ptr(), storage.nbytes()) for storage in _cpu_storages(obj)})
+        storages = (tensor.untyped_storage() for tensor in _tensors(obj) if tensor.device.type == "cpu")
+        spans = sorted({(storage.data_ptr(), storage.nbytes()) for storage in storages})
         self.starts = [start for start, _ in spans]
         self.ends = [start + size for start, size in spans]
 
@@ -287,13 +288,7 @@ def write_manifest(directory: str | os.PathLike, files: dict[str, dict], durable
 
 def tensor_bytes(obj: Any) -> int:
     """Bytes of all tensors inside a nested state_dict (the bulk of a checkpoint)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(tensor_bytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(tensor_bytes(v) for v in obj)
-    return 0
+    return sum(tensor.numel() * tensor.element_size() for tensor in _tensors(obj))
 
 
 def serialize(obj: Any) -> bytes:

@@ -480,8 +480,9 @@ class Checkpointer:
         training thread pays only for a copy of the state in memory (into the previous checkpoint's
         copy, kept for that); writing, hashing and storing run in one background thread, at most one
         checkpoint in flight (this call first commits the previous one). The report follows at the
-        next `poll` that finds the store done, or at the next save, `flush` or `finish`; `wait` (a just-in-time checkpoint before a preemption), or
-        --sync_checkpoints, commits it before returning. Whether the store worked is agreed by every
+        next `poll` that finds the store done, or at the next save, `flush` or `finish`; `wait` (a
+        just-in-time checkpoint before a preemption), or --sync_checkpoints, commits it before
+        returning. Whether the store worked is agreed by every
         rank before the report, so that a storage failure stops all of them with StorageError (a
         worker failure Ray retries) instead of leaving the others waiting in the report.
         """

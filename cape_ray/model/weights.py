@@ -12,7 +12,6 @@ the tensors loaded, missing and unexpected, and refuses a shape mismatch naming 
 
 from __future__ import annotations
 
-import hashlib
 import os
 import socket
 from pathlib import Path
@@ -52,14 +51,6 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(data, dict) or not data or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise ModelError(f"--pretrained {path}: holds no state dict of tensors (a mapping of names to tensors)")
     return {key.removeprefix("module."): value for key, value in data.items()}
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(Path(path).expanduser(), "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def hub_state_dict(source: str, backbone: str) -> dict[str, torch.Tensor]:
